@@ -1,0 +1,32 @@
+# `make demo` and `make test` create .venv and install the project on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# This machine keeps these torch wheels on disk; elsewhere `make TORCH=torch` takes the latest.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+DEMO_OUT ?= demo-out
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -c "from mmcurate.demo import generate_corpus; generate_corpus('$(DEMO_OUT)/corpus', 4, 250)"
+	$(VENV)/bin/mmcurate embed '$(DEMO_OUT)/corpus/{00000..00003}.tar' --out $(DEMO_OUT)/store \
+		--model open_clip:mmc-tiny --json $(DEMO_OUT)/embed.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mmcurate tests benchmarks
+	$(VENV)/bin/ruff format --check mmcurate tests benchmarks
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,5 @@
+"""`python -m mmcurate` is the `mmcurate` command."""
+
+from mmcurate.cli.main import main
+
+main()

@@ -1,0 +1,73 @@
+"""What every command shares: executor options, the end summary, --json output."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import click
+
+from mmcurate.data.atomic import write_json_atomic
+from mmcurate.engine import make_executor
+
+
+def executor_options(fn: Callable) -> Callable:
+    """--executor/--workers/--threads/--ray-address, turned into an `executor` argument."""
+
+    @click.option(
+        "--executor",
+        "executor_name",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Where per-shard work runs.",
+    )
+    @click.option(
+        "--workers", type=int, default=1, show_default=True, help="Local worker processes."
+    )
+    @click.option(
+        "--threads",
+        type=int,
+        default=1,
+        show_default=True,
+        help="Compute threads per worker (results are identical for a given value).",
+    )
+    @click.option(
+        "--ray-address", default=None, help="Ray cluster: auto or HOST:PORT (default: local)."
+    )
+    @functools.wraps(fn)
+    def wrapper(*args, executor_name, workers, threads, ray_address, **kwargs):
+        num_gpus = kwargs.pop("_num_gpus", 0.0)
+        executor = make_executor(executor_name, workers, threads, ray_address, num_gpus)
+        return fn(*args, executor=executor, **kwargs)
+
+    return wrapper
+
+
+def print_summary(title: str, summary: dict, extra: dict | None = None) -> None:
+    """A one-screen end summary: items, samples, skips by reason, failures with reasons."""
+    done, already, failed = summary["done"], summary["already_done"], summary["failed"]
+    click.echo(
+        f"\n{title}: {len(done)} done, {len(already)} already done (skipped), {len(failed)} failed"
+    )
+    if "read" in summary:
+        skipped = summary["skipped"]
+        reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+        click.echo(
+            f"  samples: read {summary['read']}, written {summary['rows']}, "
+            f"skipped {sum(skipped.values())} ({reasons})"
+        )
+    for key, value in (extra or {}).items():
+        click.echo(f"  {key}: {value}")
+    if failed:
+        click.echo("  failed:")
+        for name, reason in sorted(failed.items()):
+            click.echo(f"    {name}: {reason}")
+
+
+def finish(summary: dict, json_path: str | None) -> None:
+    """Write --json and exit non-zero when any item failed."""
+    if json_path:
+        write_json_atomic(json_path, summary)
+    if summary.get("failed"):
+        raise SystemExit(1)

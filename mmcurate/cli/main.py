@@ -1,0 +1,58 @@
+"""The `mmcurate` command: a click group whose commands never show a traceback for bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+import click
+
+from mmcurate.cli.embed_cmd import embed
+from mmcurate.errors import MmcurateError, UsageError
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"Warning: {message}\n"
+
+
+class Group(click.Group):
+    """Turns MmcurateError into one line and exit 2; unexpected errors into one line and exit 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+        except MmcurateError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("MMCURATE_DEBUG"):
+                raise
+            click.echo(
+                f"Error: internal error {type(exc).__name__}: {exc} (set MMCURATE_DEBUG=1 for a "
+                "traceback)",
+                err=True,
+            )
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="mmcurate")
+def cli() -> None:
+    """Score, select and distill image-text corpora."""
+    warnings.formatwarning = _one_line_warning
+    logging.basicConfig(level=logging.ERROR)
+
+
+cli.add_command(embed)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

@@ -1,0 +1,181 @@
+"""The `embed` stage: one shard -> one store stem, decoding in DataLoader workers."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmcurate.data.shards import iter_samples
+from mmcurate.embed.encoders import load_encoder
+from mmcurate.errors import ShardError
+
+MODALITIES = ("both", "image", "text")
+
+
+def decode_image(data: bytes, preprocess: Callable) -> torch.Tensor:
+    """Decode image bytes fully (truncated files fail here, not later) and preprocess them."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return preprocess(im.convert("RGB"))
+
+
+def _sample_problem(sample: dict, needs_image: bool, needs_text: bool) -> str | None:
+    if needs_image and not sample["image"]:
+        return "missing image"
+    if needs_text and not (sample["caption"] or "").strip():
+        return "missing caption"
+    return None
+
+
+class ShardBatches(IterableDataset):
+    """Batches of consecutive samples of one shard; worker w decodes batches b ≡ w (mod W)."""
+
+    def __init__(self, url: str, preprocess: Callable | None, batch_size: int, modality: str):
+        self.url = url
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.needs_image = modality in ("both", "image")
+        self.needs_text = modality in ("both", "text")
+
+    def _decode(self, index: int, samples: list[dict]) -> dict:
+        rows, pixels, problems = [], [], []
+        for s in samples:
+            problem = _sample_problem(s, self.needs_image, self.needs_text)
+            tensor = None
+            if problem is None and self.needs_image:
+                try:
+                    tensor = decode_image(s["image"], self.preprocess)
+                except Exception:
+                    problem = "undecodable image"
+            if problem is not None:
+                problems.append((s["uid"], problem))
+                continue
+            rows.append({k: s[k] for k in ("uid", "key", "caption", "url")})
+            if tensor is not None:
+                pixels.append(tensor)
+        return {
+            "index": index,
+            "rows": rows,
+            "pixels": torch.stack(pixels) if pixels else None,
+            "problems": problems,
+            "error": None,
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        batch: list[dict] = []
+        index = 0
+        try:
+            for sample in iter_samples(self.url):
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    if index % workers == worker:
+                        yield self._decode(index, batch)
+                    batch, index = [], index + 1
+            if batch and index % workers == worker:
+                yield self._decode(index, batch)
+        except ShardError as exc:
+            yield {"index": -1, "error": str(exc)}
+
+
+def _loader(dataset: ShardBatches, decode_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=decode_workers,
+        prefetch_factor=4 if decode_workers else None,
+        persistent_workers=False,
+    )
+
+
+def embed_shard(config: dict, item: dict) -> dict:
+    """Embed one shard into `<out>/<stem>.parquet|.npz|.done.json`; returns its stats."""
+    import pyarrow as pa
+
+    from mmcurate.data.store import write_stem
+
+    start = time.perf_counter()
+    stem, modality = item["name"], config["modality"]
+    image_enc = text_enc = None
+    if modality in ("both", "image"):
+        image_enc = load_encoder(config["model"], config["device"])
+    if modality in ("both", "text"):
+        text_enc = load_encoder(config.get("text_model") or config["model"], config["device"])
+    preprocess = image_enc.preprocess if image_enc else None
+    dataset = ShardBatches(item["url"], preprocess, config["batch_size"], modality)
+    seen: set[str] = set()
+    skipped: Counter[str] = Counter()
+    rows: list[dict] = []
+    img_parts: list[np.ndarray] = []
+    txt_parts: list[np.ndarray] = []
+    read = 0
+    for batch in _loader(dataset, config.get("decode_workers", 0)):
+        if batch["error"]:
+            raise ShardError(batch["error"])
+        read += len(batch["rows"]) + len(batch["problems"])
+        skipped.update(reason for _, reason in batch["problems"])
+        keep = []
+        for i, row in enumerate(batch["rows"]):
+            if row["uid"] in seen:
+                skipped["duplicate uid"] += 1
+                continue
+            seen.add(row["uid"])
+            keep.append(i)
+        if not keep:
+            continue
+        parts = []
+        if image_enc:
+            parts.append(image_enc.encode_images(batch["pixels"][keep]).numpy())
+        if text_enc:
+            parts.append(text_enc.encode_texts([batch["rows"][i]["caption"] for i in keep]).numpy())
+        finite = np.all([np.isfinite(p).all(axis=1) for p in parts], axis=0)
+        skipped["nan embedding"] += int((~finite).sum())
+        for j, i in enumerate(keep):
+            if finite[j]:
+                rows.append(batch["rows"][i])
+        idx = np.flatnonzero(finite)
+        if image_enc:
+            img_parts.append(parts[0][idx].astype(np.float16))
+        if text_enc:
+            txt_parts.append(parts[-1][idx].astype(np.float16))
+    skipped = Counter({k: v for k, v in skipped.items() if v})
+    meta = pa.table(
+        {
+            "uid": pa.array([r["uid"] for r in rows], pa.string()),
+            "key": pa.array([r["key"] for r in rows], pa.string()),
+            "caption": pa.array([r["caption"] for r in rows], pa.string()),
+            "url": pa.array([r["url"] for r in rows], pa.string()),
+            "shard": pa.array([stem] * len(rows), pa.string()),
+        }
+    )
+    arrays = {}
+    if image_enc:
+        arrays["img"] = _stack(img_parts, image_enc.dim)
+    if text_enc:
+        arrays["txt"] = _stack(txt_parts, text_enc.dim)
+    clip = image_enc if image_enc and image_enc.has_text else text_enc
+    stats = {
+        "read": read,
+        "skipped": dict(sorted(skipped.items())),
+        "model": config["model"],
+        "text_model": config.get("text_model"),
+        "modality": modality,
+        "logit_scale": clip.logit_scale if clip and not config.get("text_model") else None,
+        "dims": {k: int(v.shape[1]) for k, v in arrays.items()},
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    write_stem(config["out"], stem, meta, arrays, stats)
+    return {**stats, "rows": meta.num_rows}
+
+
+def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)

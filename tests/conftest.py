@@ -1,0 +1,34 @@
+"""Shared fixtures: offline hub, generated corpora, and running the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def corpus3(tmp_path_factory) -> list[Path]:
+    """A clean 3-shard generated corpus of 3 x 40 pairs (do not modify)."""
+    from mmcurate.demo import generate_corpus
+
+    return generate_corpus(tmp_path_factory.mktemp("corpus3"), n_shards=3, per_shard=40, seed=1)
+
+
+def run_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m mmcurate ARGS` as a user would, capturing output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+    return subprocess.run(
+        [sys.executable, "-m", "mmcurate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
