@@ -9,6 +9,7 @@ import click
 
 from mmcurate.data.atomic import write_json_atomic
 from mmcurate.engine import make_executor
+from mmcurate.errors import UsageError
 
 
 def executor_options(fn: Callable) -> Callable:
@@ -35,10 +36,18 @@ def executor_options(fn: Callable) -> Callable:
     @click.option(
         "--ray-address", default=None, help="Ray cluster: auto or HOST:PORT (default: local)."
     )
+    @click.option(
+        "--ray-gpus",
+        type=float,
+        default=0.0,
+        show_default=True,
+        help="GPUs per Ray task; a fraction shares a GPU (e.g. 0.5).",
+    )
     @functools.wraps(fn)
-    def wrapper(*args, executor_name, workers, threads, ray_address, **kwargs):
-        num_gpus = kwargs.pop("_num_gpus", 0.0)
-        executor = make_executor(executor_name, workers, threads, ray_address, num_gpus)
+    def wrapper(*args, executor_name, workers, threads, ray_address, ray_gpus, **kwargs):
+        if executor_name == "ray" and kwargs.get("device") == "cuda" and not ray_gpus:
+            raise UsageError("--device cuda on Ray needs --ray-gpus > 0 (GPUs per task)")
+        executor = make_executor(executor_name, workers, threads, ray_address, ray_gpus)
         return fn(*args, executor=executor, **kwargs)
 
     return wrapper

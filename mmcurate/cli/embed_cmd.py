@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import click
 
@@ -37,6 +38,7 @@ def embed(
     src, out, model, modality, text_model, batch_size, device, decode_workers, json_path, executor
 ) -> None:
     """Embed webdataset shards (or image folders) into an embedding store."""
+    out = os.path.abspath(out)
     urls = expand_sources(src)
     stems = check_unique_stems(urls)
     resolve_device(device)

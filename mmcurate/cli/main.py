@@ -9,7 +9,10 @@ import warnings
 
 import click
 
+from mmcurate.cli.distill_cmds import buffer, distill_cmd, evaluate_cmd
 from mmcurate.cli.embed_cmd import embed
+from mmcurate.cli.score_cmd import score
+from mmcurate.cli.select_cmd import reshard_cmd, select_cmd
 from mmcurate.errors import MmcurateError, UsageError
 
 
@@ -50,7 +53,8 @@ def cli() -> None:
     logging.basicConfig(level=logging.ERROR)
 
 
-cli.add_command(embed)
+for command in (embed, score, select_cmd, reshard_cmd, buffer, distill_cmd, evaluate_cmd):
+    cli.add_command(command)
 
 
 def main() -> None:

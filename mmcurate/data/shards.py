@@ -24,20 +24,19 @@ def _is_url(src: str) -> bool:
 
 
 def expand_sources(sources: Sequence[str]) -> list[str]:
-    """Expand brace patterns and globs into shard URLs; a directory is kept as an image folder."""
+    """Expand braces and globs into absolute shard paths or URLs; a directory is an image folder."""
     from braceexpand import braceexpand
 
     out: list[str] = []
     for src in sources:
         for item in braceexpand(str(src)):
+            local = item.removeprefix("file://")
             if _is_url(item):
                 out.append(item)
-            elif os.path.isdir(item):
-                out.append(item)
-            elif glob.has_magic(item):
-                out.extend(sorted(glob.glob(item)))
-            elif os.path.exists(item.removeprefix("file://")):
-                out.append(item.removeprefix("file://"))
+            elif os.path.isdir(local) or (not glob.has_magic(local) and os.path.exists(local)):
+                out.append(os.path.abspath(local))
+            elif glob.has_magic(local):
+                out.extend(os.path.abspath(p) for p in sorted(glob.glob(local)))
             else:
                 raise UsageError(f"source not found: {item}")
     if not out:
@@ -74,27 +73,33 @@ def _decode_text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def _clean_name(name: str) -> str:
+    """A member or file name with undecodable bytes replaced, so it encodes as UTF-8."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _finish_sample(stem: str, key: str, files: dict[str, bytes]) -> dict:
+    lower = {ext.lower(): data for ext, data in files.items()}
     meta = None
-    if "json" in files:
+    if "json" in lower:
         try:
-            loaded = json.loads(_decode_text(files["json"]))
+            loaded = json.loads(_decode_text(lower["json"]))
             meta = loaded if isinstance(loaded, dict) else None
-        except ValueError:
+        except (ValueError, RecursionError):
             meta = None
     caption = None
-    if "txt" in files:
-        caption = _decode_text(files["txt"])
+    if "txt" in lower:
+        caption = _decode_text(lower["txt"])
     elif meta is not None and isinstance(meta.get("caption"), str):
         caption = meta["caption"]
-    image_ext = next((e for e in IMAGE_EXTS if e in files), None)
+    image_ext = next((e for e in IMAGE_EXTS if e in lower), None)
     return {
         "key": key,
         "uid": sample_uid(stem, key, meta),
         "files": files,
         "caption": caption,
         "json": meta,
-        "image": files[image_ext] if image_ext else None,
+        "image": lower[image_ext] if image_ext else None,
         "image_ext": image_ext,
         "url": (meta or {}).get("url") if isinstance((meta or {}).get("url"), str) else None,
     }
@@ -118,47 +123,55 @@ def _iter_tar(url: str, stem: str) -> Iterator[dict]:
             tar = tarfile.open(fileobj=fh, mode="r:")
         except tarfile.TarError as exc:
             raise ShardError(f"{stem}: not a readable tar ({exc})") from None
-        key, files, end = None, {}, 0
+        key, files, exts, end = None, {}, set(), 0
         try:
             for member in tar:
+                end = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
                 if not member.isfile():
                     continue
-                end = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
-                match = _KEY_EXT.match(member.name)
+                match = _KEY_EXT.match(_clean_name(member.name))
                 if not match:
                     continue
-                mkey, ext = match.group(1), match.group(2).lower()
+                mkey, ext = match.group(1), match.group(2)
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise ShardError(f"{stem}: truncated tar (member {member.name} cut short)")
-                if mkey != key and key is not None:
+                if key is not None and (mkey != key or ext.lower() in exts):
                     yield _finish_sample(stem, key, files)
-                    files = {}
+                    files, exts = {}, set()
                 key = mkey
                 files[ext] = data
+                exts.add(ext.lower())
         except tarfile.TarError as exc:
             raise ShardError(f"{stem}: corrupt tar ({exc})") from None
         except OSError as exc:
             raise ShardError(f"{stem}: read error ({exc})") from None
+        _check_end_marker(fh, end, stem)
         if key is not None:
-            _check_end_marker(fh, end, stem)
             yield _finish_sample(stem, key, files)
-        else:
-            _check_end_marker(fh, 0, stem)
 
 
 def _iter_folder(root: str, stem: str) -> Iterator[dict]:
     base = Path(root)
-    paths = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_FILE_SUFFIXES)
+    paths = sorted(
+        p for p in base.rglob("*") if p.suffix.lower() in IMAGE_FILE_SUFFIXES and not p.is_dir()
+    )
     for path in paths:
-        rel = path.relative_to(base).as_posix()
-        ext = path.suffix.lower().lstrip(".")
-        files = {ext: path.read_bytes()}
-        yield {**_finish_sample(stem, rel, files), "key": rel}
+        rel = _clean_name(path.relative_to(base).as_posix())
+        ext = path.suffix.lstrip(".")
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        yield {**_finish_sample(stem, rel, {ext: data}), "key": rel}
 
 
 def iter_samples(url: str) -> Iterator[dict]:
-    """Samples of one shard (or image folder), in order; a broken tar raises ShardError."""
+    """Samples of one shard (or image folder), in order; a broken tar raises ShardError.
+
+    A sample is a run of members sharing a key; an extension repeated within the run (in any
+    case) starts a new sample with the same key, so a duplicate is counted, never merged.
+    """
     stem = shard_stem(url)
     if not _is_url(url) and os.path.isdir(url):
         yield from _iter_folder(url, stem)

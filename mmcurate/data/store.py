@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 import zipfile
@@ -25,13 +26,18 @@ def done_path(out_dir: str | os.PathLike, stem: str) -> Path:
 
 
 def read_done(out_dir: str | os.PathLike, stem: str) -> dict | None:
-    """A stem's done marker, or None when absent or unreadable (then the stem is redone)."""
+    """A stem's done marker, or None when absent, unreadable or not a marker (then it is redone)."""
     path = done_path(out_dir, stem)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    rows = data.get("rows")
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        return None
+    return data
 
 
 def is_done(out_dir: str | os.PathLike, stem: str) -> bool:
@@ -175,9 +181,11 @@ def read_stem(
 
 
 def store_logit_scale(store_dir: str | os.PathLike) -> float | None:
-    """The encoder's logit_scale recorded by `mmcurate embed`, if any stem recorded one."""
+    """The encoder's logit_scale recorded by `mmcurate embed`: the first finite positive one."""
     for marker in sorted(Path(store_dir).glob(f"*{DONE_SUFFIX}")):
         stats = read_done(store_dir, marker.name[: -len(DONE_SUFFIX)])
-        if stats and stats.get("logit_scale"):
-            return float(stats["logit_scale"])
+        value = stats.get("logit_scale") if stats else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if math.isfinite(value) and value > 0:
+                return float(value)
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from mmcurate.errors import UsageError
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_IMAGE_SIZE = 32
+TINY_TIMM = "test_resnet"
+MAX_CAPTION_CHARS = 4096  # beyond any text tower's context; keeps tokenising huge captions cheap
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -73,7 +76,7 @@ class Encoder:
         """Captions -> (n, dim) embeddings."""
         if self.text_fn is None:
             raise UsageError(f"encoder {self.spec!r} has no text tower")
-        return self._run(self.text_fn, list(texts), normalize)
+        return self._run(self.text_fn, [t[:MAX_CAPTION_CHARS] for t in texts], normalize)
 
 
 def _weights_error(spec: str, exc: Exception, local_form: str) -> UsageError:
@@ -216,7 +219,7 @@ def _hf_clip(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
 def _timm(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
     import timm
 
-    arch = "test_nfnet" if s.is_tiny else s.name
+    arch = TINY_TIMM if s.is_tiny else s.name
     if not timm.is_model(arch):
         raise UsageError(f"bad encoder spec {spec!r}: timm has no model {s.name!r}")
     pretrained = not s.is_tiny and s.checkpoint is None
@@ -252,9 +255,9 @@ def _timm(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
 def _tiny_bert():
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    tokenizer = BertTokenizer(
-        vocab_file=str(ASSETS / "mmc-tiny-bert-vocab.txt"), do_lower_case=True
-    )
+    vocab = str(ASSETS / "mmc-tiny-bert-vocab.txt")
+    params = inspect.signature(BertTokenizer.__init__).parameters
+    tokenizer = BertTokenizer(**{"vocab" if "vocab" in params else "vocab_file": vocab})
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=64,
@@ -262,6 +265,7 @@ def _tiny_bert():
         num_attention_heads=2,
         intermediate_size=128,
         max_position_embeddings=64,
+        initializer_range=0.2,
     )
     return _seeded_init(lambda: BertModel(config)), tokenizer
 

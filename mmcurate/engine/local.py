@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
 from mmcurate.engine.base import Executor, Outcome, WorkFn, pin_threads, run_item
+
+DIED = "worker process died (killed or out of memory)"
 
 
 class LocalExecutor(Executor):
@@ -18,23 +20,50 @@ class LocalExecutor(Executor):
         self.threads = max(1, int(threads))
 
     def map(self, fn: WorkFn, items: Sequence[dict]) -> Iterator[Outcome]:
-        """Yield outcomes as items finish; a crashed worker fails its items, not the run."""
+        """Yield outcomes as items finish; a worker that dies fails only the item it ran.
+
+        A dead worker breaks the whole pool. Items start in order, so the first `workers`
+        unfinished items are the ones that may have been running: each is rerun alone in a
+        one-process pool, where a second death names the culprit; the rest rerun in parallel.
+        """
         if self.workers == 1 or len(items) <= 1:
             pin_threads(self.threads)
             for item in items:
                 yield run_item(fn, item)
             return
-        ctx = mp.get_context("spawn")
+        queue = list(items)
+        while queue:
+            broken = yield from self._round(fn, queue, self.workers)
+            suspects, queue = broken[: self.workers], broken[self.workers :]
+            while suspects:
+                broken = yield from self._round(fn, suspects, 1)
+                if broken:
+                    yield Outcome(broken[0]["name"], False, {}, DIED)
+                suspects = broken[1:]
+
+    def _round(
+        self, fn: WorkFn, items: list[dict], workers: int
+    ) -> Generator[Outcome, None, list[dict]]:
+        """Run items on a fresh pool; yield outcomes; return the items a dead worker broke."""
+        broken: list[int] = []
         with ProcessPoolExecutor(
-            max_workers=min(self.workers, len(items)),
-            mp_context=ctx,
+            max_workers=min(workers, len(items)),
+            mp_context=mp.get_context("spawn"),
             initializer=pin_threads,
             initargs=(self.threads,),
         ) as pool:
-            futures = {pool.submit(run_item, fn, item): item for item in items}
+            futures = {}
+            for i, item in enumerate(items):
+                try:
+                    futures[pool.submit(run_item, fn, item)] = i
+                except BrokenProcessPool:
+                    broken.extend(range(i, len(items)))
+                    break
             for future in as_completed(futures):
                 try:
-                    yield future.result()
+                    outcome = future.result()
                 except BrokenProcessPool:
-                    name = futures[future]["name"]
-                    yield Outcome(name, False, {}, "worker process died (killed or out of memory)")
+                    broken.append(futures[future])
+                    continue
+                yield outcome
+        return [items[i] for i in sorted(broken)]

@@ -1,0 +1,97 @@
+"""`mmcurate embed` throughput on JPEG shards vs a plain loop over pre-decoded tensors.
+
+Run: .venv/bin/python benchmarks/bench_embed.py [--model open_clip:ViT-B-32] [--samples 512]
+Both sides use the same encoder, batch size and compute threads; the embed side decodes JPEGs
+in DataLoader workers while the model runs, so a ratio near 1 means decoding is hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmcurate.demo.corpus import make_pairs, pair_files, write_tar
+from mmcurate.embed import load_encoder
+from mmcurate.embed.stage import embed_shard
+from mmcurate.engine.base import pin_threads
+
+
+def make_shard(root: Path, samples: int, size: int) -> Path:
+    """One webdataset shard of `samples` JPEG pairs at `size` px."""
+    pairs = make_pairs(samples, seed=0, image_size=size)
+    items = [
+        (f"{i:06d}", pair_files(pairs["images"][i], pairs["captions"][i], {}))
+        for i in range(samples)
+    ]
+    return write_tar(root / "bench.tar", items)
+
+
+def plain_loop(model: str, shard: Path, batch_size: int) -> float:
+    """Samples/s of the model alone on tensors decoded beforehand."""
+    import webdataset as wds
+
+    enc = load_encoder(model, "cpu")
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    pixels = torch.stack(
+        [enc.preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples]
+    )
+    captions = [s["txt"].decode() for s in samples]
+    start = time.perf_counter()
+    for i in range(0, len(samples), batch_size):
+        enc.encode_images(pixels[i : i + batch_size]).numpy().astype(np.float16)
+        enc.encode_texts(captions[i : i + batch_size]).numpy().astype(np.float16)
+    return len(samples) / (time.perf_counter() - start)
+
+
+def embed_stage(model: str, shard: Path, batch_size: int, out: Path, workers: int) -> float:
+    """Samples/s of the embed stage (reading, decoding, inference, writing) on the shard."""
+    config = {
+        "model": model,
+        "text_model": None,
+        "modality": "both",
+        "batch_size": batch_size,
+        "device": "cpu",
+        "decode_workers": workers,
+        "out": str(out),
+    }
+    start = time.perf_counter()
+    stats = embed_shard(config, {"name": "bench", "url": str(shard)})
+    return stats["rows"] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="open_clip:ViT-B-32")
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--decode-workers", type=int, default=1)
+    args = parser.parse_args()
+    pin_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shard = make_shard(root, args.samples, args.image_size)
+        load_encoder(args.model, "cpu")
+        embed_stage(args.model, shard, args.batch_size, root / "warm", args.decode_workers)
+        plain = plain_loop(args.model, shard, args.batch_size)
+        staged = embed_stage(args.model, shard, args.batch_size, root / "out", args.decode_workers)
+    print(
+        f"model {args.model}, {args.samples} JPEGs at {args.image_size}px, batch {args.batch_size},"
+    )
+    print(f"{args.threads} compute thread(s), {args.decode_workers} decode worker(s)\n")
+    print("| variant | samples/s | ratio |")
+    print("|---|---:|---:|")
+    print(f"| plain loop on pre-decoded tensors | {plain:,.1f} | 1.00 |")
+    print(f"| mmcurate embed stage on JPEG shard | {staged:,.1f} | {staged / plain:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

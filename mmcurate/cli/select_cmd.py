@@ -1,0 +1,105 @@
+"""`mmcurate select` (score sidecars -> subset.npy) and `mmcurate reshard` (subset -> shards)."""
+
+from __future__ import annotations
+
+import click
+
+from mmcurate.cli.common import executor_options, finish, print_summary
+from mmcurate.curate.reshard import reshard
+from mmcurate.curate.select import DEFAULT_RECIPE, select, write_subset
+from mmcurate.data.atomic import write_json_atomic
+
+
+def _stage_line(stage: dict) -> str:
+    cutoff = stage.get("threshold")
+    extra = f", nan {stage['nan']}" if stage.get("nan") else ""
+    if stage["kind"] == "fraction" and cutoff is not None:
+        extra += f", cutoff {cutoff:.6g}"
+    return f"  {stage['rule']:<24} kept {stage['count']} of {stage['input']}{extra}"
+
+
+@click.command("select")
+@click.argument("scores", required=False, type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="subset.npy to write.")
+@click.option(
+    "--keep",
+    "rules",
+    multiple=True,
+    help="metric:FRACTION (of the whole pool), metric>=X, metric<=X, or normsim_d:FRACTION; "
+    f"in order. Default: {' then '.join(DEFAULT_RECIPE)}.",
+)
+@click.option("--union", multiple=True, type=click.Path(), help="Add a subset file (repeatable).")
+@click.option("--intersect", multiple=True, type=click.Path(), help="Intersect with a subset file.")
+@click.option("--store", type=click.Path(), default=None, help="Embedding store (normsim_d).")
+@click.option("--normsim-d-iters", type=int, default=500, show_default=True)
+@click.option("--img-key", default="img", show_default=True, help="Image array in the store.")
+@click.option("--seed", type=int, default=0, show_default=True, help="NormSim-D sampling seed.")
+@click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
+def select_cmd(
+    scores, out, rules, union, intersect, store, normsim_d_iters, img_key, seed, json_path
+) -> None:
+    """Keep the best pairs of a scored pool: chained --keep stages, then --union/--intersect."""
+    subset, report = select(
+        scores,
+        rules,
+        union=union,
+        intersect=intersect,
+        store=store,
+        img_key=img_key,
+        normsim_d_iters=normsim_d_iters,
+        seed=seed,
+    )
+    record = write_subset(out, subset, report)
+    if scores is not None:
+        click.echo(
+            f"\nmmcurate select: pool {report['pool']} rows in {report['sidecars']} sidecars"
+        )
+        for stage in report["stages"]:
+            click.echo(_stage_line(stage))
+        if report["duplicate_uids"]:
+            click.echo(f"  duplicate uid rows merged: {report['duplicate_uids']}")
+    else:
+        click.echo("\nmmcurate select: subset files only")
+    for entry in report["union"]:
+        click.echo(f"  union {entry['path']} ({entry['count']} uids)")
+    for entry in report["intersect"]:
+        click.echo(f"  intersect {entry['path']} ({entry['count']} uids)")
+    click.echo(f"  subset: {report['count']} uids -> {out} (record: {record})")
+    if json_path:
+        write_json_atomic(json_path, {**report, "subset": str(out)})
+
+
+@click.command("reshard")
+@click.argument("src", nargs=-1, required=True)
+@click.option("--subset", required=True, type=click.Path(), help="subset.npy ((u8, u8) uids).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--shard-size", type=int, default=10000, show_default=True)
+@click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
+@executor_options
+def reshard_cmd(src, subset, out, shard_size, json_path, executor) -> None:
+    """Write webdataset shards holding exactly the subset's samples, each once."""
+    summary = reshard(src, subset, out, shard_size, executor)
+    dups = summary["duplicates_within_shards"] + summary["duplicates_across_shards"]
+    missing = summary["not_found"]
+    lines = {
+        "samples": f"read {summary['read']}, in subset {summary['matched']}, written "
+        f"{summary['written']} in {len(summary['shards'])} shard(s) of {summary['shard_size']}",
+        "duplicates dropped (first occurrence kept)": dups,
+        "subset uids not found": f"{missing} of {summary['subset_size']}"
+        + (
+            f" (listed in not_found.npy; e.g. {', '.join(summary['not_found_examples'])})"
+            if missing
+            else ""
+        ),
+        "output": out,
+    }
+    if summary["renamed_keys"]:
+        lines["keys renamed to avoid a clash in a shard"] = summary["renamed_keys"]
+    if summary.get("already_complete"):
+        click.echo("\nmmcurate reshard: already complete (same subset, sources and shard size)")
+        for key, value in lines.items():
+            click.echo(f"  {key}: {value}")
+    else:
+        counts = {k: summary[k] for k in ("done", "already_done", "failed")}
+        print_summary("mmcurate reshard", counts, lines)
+    finish(summary, json_path)

@@ -1,0 +1,313 @@
+"""Reshard (SPEC §5): write a subset's samples, each once, with their original files, as new tars.
+
+Two steps. Each source shard is filtered on the engine into a part (`<out>/.parts/<stem>.tar`
+plus an index of its uids, keys and member counts, then a done marker). A sequential packing
+step then streams the parts in source order into `{i:05d}.tar` shards of `shard_size` samples,
+keeping the first occurrence of every uid. Re-runs skip finished parts, and skip the packing
+when `reshard.json` records the same subset, sources and shard size as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcurate.curate.select import (
+    difference_pairs,
+    first_occurrence,
+    load_subset,
+    sort_unique_pairs,
+    uid_examples,
+)
+from mmcurate.data.atomic import atomic_path, save_npy_atomic, save_npz_atomic, write_json_atomic
+from mmcurate.data.uid import UID_DTYPE
+from mmcurate.engine import Executor, make_executor, run_stage, summarise
+from mmcurate.errors import UsageError
+
+PARTS = ".parts"
+MANIFEST = "reshard.json"
+NOT_FOUND = "not_found.npy"
+_SHARD_NAME = re.compile(r"^[0-9]{5,}\.tar$")
+
+
+def subset_fingerprint(subset: np.ndarray) -> str:
+    """A digest of a normalised subset, so parts made for another subset are never reused."""
+    return hashlib.blake2b(np.ascontiguousarray(subset).view(np.uint8), digest_size=16).hexdigest()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a file with fixed metadata, so equal content gives equal tar bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _in_subset(subset: np.ndarray, uid: str) -> bool:
+    """Binary search of a sorted (u8, u8) array, which may be memory-mapped."""
+    query = np.array([(int(uid[:16], 16), int(uid[16:32], 16))], dtype=UID_DTYPE)
+    i = int(np.searchsorted(subset, query)[0])
+    return i < len(subset) and subset[i] == query[0]
+
+
+def _part_paths(parts: Path, stem: str) -> dict[str, Path]:
+    return {
+        "tar": parts / f"{stem}.tar",
+        "index": parts / f"{stem}.index.npz",
+        "done": parts / f"{stem}.done.json",
+    }
+
+
+def filter_shard(item: dict) -> dict:
+    """Engine work item: copy one source shard's subset samples (first occurrence) into a part."""
+    from mmcurate.data.shards import iter_samples
+
+    stem = item["name"]
+    paths = _part_paths(Path(item["parts"]), stem)
+    subset = np.load(item["subset"], mmap_mode="r", allow_pickle=False)
+    uids: list[str] = []
+    keys: list[str] = []
+    members: list[int] = []
+    seen: set[str] = set()
+    read = duplicates = 0
+    with atomic_path(paths["tar"]) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for sample in iter_samples(item["url"]):
+            read += 1
+            uid = sample["uid"]
+            if not _in_subset(subset, uid):
+                continue
+            if uid in seen:
+                duplicates += 1
+                continue
+            seen.add(uid)
+            for ext, data in sample["files"].items():
+                _add_member(tar, f"{sample['key']}.{ext}", data)
+            uids.append(uid)
+            keys.append(sample["key"])
+            members.append(len(sample["files"]))
+    pairs = np.empty(len(uids), dtype=UID_DTYPE)
+    pairs["f0"] = [int(u[:16], 16) for u in uids]
+    pairs["f1"] = [int(u[16:32], 16) for u in uids]
+    save_npz_atomic(
+        paths["index"],
+        {
+            "uids": pairs,
+            "keys": np.array(keys, dtype=str) if keys else np.empty(0, dtype="<U1"),
+            "members": np.array(members, dtype=np.int64),
+        },
+    )
+    stats = {"rows": len(uids), "read": read, "duplicates": duplicates}
+    write_json_atomic(
+        paths["done"], {**stats, "url": item["url"], "fingerprint": item["fingerprint"]}
+    )
+    return stats
+
+
+def part_is_done(item: dict) -> bool:
+    """A part is reusable when its marker names the same source and subset."""
+    paths = _part_paths(Path(item["parts"]), item["name"])
+    try:
+        done = json.loads(paths["done"].read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(done, dict)
+        and done.get("url") == item["url"]
+        and done.get("fingerprint") == item["fingerprint"]
+        and paths["tar"].is_file()
+        and paths["index"].is_file()
+    )
+
+
+def _read_index(parts: Path, stem: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    with np.load(_part_paths(parts, stem)["index"], allow_pickle=False) as npz:
+        return {k: npz[k] for k in keys}
+
+
+def _part_samples(
+    parts: Path, stem: str, index: dict[str, np.ndarray], keep: np.ndarray
+) -> Iterator[tuple[str, str, list[tuple[str, bytes]]]]:
+    """Stream a part's samples as (key, uid hex, [(ext, bytes)]), only those flagged in keep."""
+    with tarfile.open(_part_paths(parts, stem)["tar"], "r:") as tar:
+        members = iter(tar)
+        for j, count in enumerate(index["members"]):
+            key = str(index["keys"][j])
+            entries = [next(members) for _ in range(int(count))]
+            if keep[j]:
+                files = [(m.name[len(key) + 1 :], tar.extractfile(m).read()) for m in entries]
+                pair = index["uids"][j]
+                yield key, f"{int(pair['f0']):016x}{int(pair['f1']):016x}", files
+
+
+def _write_shards(
+    out: Path, samples: Iterator[tuple[str, str, list[tuple[str, bytes]]]], shard_size: int
+) -> tuple[list[str], int, int]:
+    """Write `{i:05d}.tar` shards of shard_size samples atomically; (names, samples, renamed)."""
+    names: list[str] = []
+    written = renamed = 0
+    stack: ExitStack | None = None
+    tar: tarfile.TarFile | None = None
+    used: set[str] = set()
+    try:
+        for key, uid, files in samples:
+            if stack is None:
+                stack = ExitStack()
+                name = f"{len(names):05d}.tar"
+                tmp = stack.enter_context(atomic_path(out / name))
+                tar = stack.enter_context(tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT))
+                used = set()
+            if key in used:
+                key = f"{key}_{uid}"
+                renamed += 1
+            used.add(key)
+            for ext, data in files:
+                _add_member(tar, f"{key}.{ext}", data)
+            written += 1
+            if written % shard_size == 0:
+                stack.close()
+                stack = None
+                names.append(name)
+        if stack is not None:
+            stack.close()
+            stack = None
+            names.append(name)
+    except BaseException:
+        if stack is not None:
+            stack.__exit__(*sys.exc_info())
+        raise
+    return names, written, renamed
+
+
+def _read_manifest(out: Path) -> dict:
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def pack_parts(
+    parts: Path, stems: Sequence[str], out: Path, shard_size: int
+) -> tuple[list[str], dict[str, Any], np.ndarray]:
+    """Pack finished parts, in source order, into output shards; first occurrence of a uid wins."""
+    part_uids = [_read_index(parts, s, ["uids"])["uids"] for s in stems]
+    all_uids = np.concatenate(part_uids or [np.empty(0, UID_DTYPE)])
+    keep = first_occurrence(all_uids)
+    bounds = np.cumsum([len(u) for u in part_uids])[:-1]
+    keeps = np.split(keep, bounds) if part_uids else []
+
+    def samples() -> Iterator[tuple[str, str, list[tuple[str, bytes]]]]:
+        for stem, k in zip(stems, keeps):
+            index = _read_index(parts, stem, ["uids", "keys", "members"])
+            yield from _part_samples(parts, stem, index, k)
+
+    names, written, renamed = _write_shards(out, samples(), shard_size)
+    stats = {
+        "written": written,
+        "duplicates_across_shards": int(len(keep) - keep.sum()),
+        "renamed_keys": renamed,
+    }
+    return names, stats, sort_unique_pairs(all_uids[keep])
+
+
+def reshard(
+    sources: Sequence[str],
+    subset: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shard_size: int = 10000,
+    executor: Executor | None = None,
+) -> dict[str, Any]:
+    """Write the subset's samples from the source shards into out_dir; returns the summary."""
+    from mmcurate.data.shards import check_unique_stems, expand_sources
+
+    if shard_size < 1:
+        raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
+    urls = expand_sources(sources)
+    for url in urls:
+        if "://" not in url and os.path.isdir(url):
+            raise UsageError(f"reshard reads webdataset tars; {url} is a directory")
+    stems = check_unique_stems(urls)
+    wanted = load_subset(subset)
+    fingerprint = subset_fingerprint(wanted)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out must be a directory, {out} is a file")
+    parts = out / PARTS
+    config = {"fingerprint": fingerprint, "sources": urls, "shard_size": shard_size}
+
+    previous = _read_manifest(out)
+    if (
+        previous.get("complete")
+        and all(previous.get(k) == v for k, v in config.items())
+        and all((out / n).is_file() for n in previous.get("shards", []))
+    ):
+        return {**previous, "already_complete": True}
+
+    subset_copy = parts / "subset.npy"
+    save_npy_atomic(subset_copy, wanted)
+    items = [
+        {
+            "name": stem,
+            "url": url,
+            "parts": str(parts),
+            "subset": str(subset_copy),
+            "fingerprint": fingerprint,
+        }
+        for stem, url in zip(stems, urls)
+    ]
+    outcomes, skipped = run_stage(
+        executor or make_executor("local", 1),
+        filter_shard,
+        items,
+        is_done=part_is_done,
+        desc="reshard: filtering shards",
+        count_key="read",
+    )
+    stage = summarise(outcomes, skipped)
+    finished = [it["name"] for it in items if part_is_done(it)]
+    names, pack_stats, found = pack_parts(parts, finished, out, shard_size)
+    missing = difference_pairs(wanted, found)
+    markers = [json.loads(_part_paths(parts, s)["done"].read_text()) for s in finished]
+
+    summary: dict[str, Any] = {
+        **config,
+        "subset": str(subset),
+        "subset_size": int(len(wanted)),
+        "shards": names,
+        "read": sum(int(m["read"]) for m in markers),
+        "matched": sum(int(m["rows"]) for m in markers),
+        "duplicates_within_shards": sum(int(m["duplicates"]) for m in markers),
+        **pack_stats,
+        "not_found": int(len(missing)),
+        "not_found_examples": uid_examples(missing),
+        "done": stage["done"],
+        "already_done": stage["already_done"],
+        "failed": stage["failed"],
+        "complete": not stage["failed"],
+    }
+    if len(missing):
+        save_npy_atomic(out / NOT_FOUND, missing)
+    elif (out / NOT_FOUND).is_file():
+        (out / NOT_FOUND).unlink()
+    write_json_atomic(out / MANIFEST, summary)
+    for stale in set(previous.get("shards", [])) - set(names):
+        if _SHARD_NAME.match(str(stale)):
+            (out / stale).unlink(missing_ok=True)
+    if summary["complete"]:
+        shutil.rmtree(parts)
+    return summary

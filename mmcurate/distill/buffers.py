@@ -1,0 +1,317 @@
+"""Expert buffers (SPEC §6): E students trained on the real pairs, their parameters per epoch.
+
+Each expert is one work item on the engine; its file `expert_XXX.pt` is written atomically
+and holds {"image": (T+1, P_img), "text": (T+1, P_txt), "meta": dict}. The seeds of an expert
+derive from the global seed and its index only, so results do not depend on the executor
+or the number of workers. A second run skips the experts whose file is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmcurate.data.atomic import torch_save_atomic, write_json_atomic
+from mmcurate.data.store import read_done
+from mmcurate.distill.data import PairSet, from_cache, memory_stem, prepare_pairs, save_pairs
+from mmcurate.distill.losses import symmetric_ce
+from mmcurate.distill.students import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    build_student,
+    canonical_image_encoder,
+    normalize_images,
+)
+from mmcurate.engine import Executor, run_stage, summarise
+from mmcurate.errors import ShardError, UsageError
+
+MANIFEST = "buffers.json"
+FORMAT_VERSION = 1
+ARCH_KEYS = ("image_encoder", "text_encoder", "image_size")
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    """Settings of `mmcurate buffer` (published: 20 experts × 10 epochs, SGD lr 0.1, batch 128)."""
+
+    experts: int = 20
+    epochs: int = 10
+    lr: float = 0.1
+    batch_size: int = 128
+    image_encoder: str = "nfnet_l0"
+    text_encoder: str = "hf-text:bert-base-uncased"
+    image_size: int = 224
+    seed: int = 0
+
+    def check(self) -> BufferConfig:
+        """Refuse settings that cannot run."""
+        if self.experts < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("--experts, --epochs and --batch-size must be >= 1")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be > 0, got {self.lr}")
+        if self.image_size < 8:
+            raise UsageError(f"--image-size must be >= 8, got {self.image_size}")
+        return self
+
+
+def derive_seed(seed: int, *path: int) -> int:
+    """A 31-bit seed that depends only on the global seed and the given indices."""
+    return int(np.random.SeedSequence([int(seed), *map(int, path)]).generate_state(1)[0] >> 1)
+
+
+def expert_path(out_dir: str | os.PathLike, index: int) -> Path:
+    """Where expert `index` is stored."""
+    return Path(out_dir) / f"expert_{index:03d}.pt"
+
+
+def expert_trajectory(
+    pairs: PairSet, config: BufferConfig, index: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train expert `index` with symmetric CE; its flat parameters at init and after each epoch."""
+    device = torch.device(device)
+    seed = derive_seed(config.seed, index)
+    student = build_student(
+        config.image_encoder, pairs.text_dim, pairs.image_size, seed, device
+    ).train()
+    optimizer = torch.optim.SGD(student.parameters(), lr=config.lr)
+    order = torch.Generator().manual_seed(derive_seed(config.seed, index, 1))
+    snaps_img, snaps_txt = [], []
+
+    def snapshot() -> None:
+        p_img, p_txt = student.flat()
+        snaps_img.append(p_img.float().cpu())
+        snaps_txt.append(p_txt.float().cpu())
+
+    snapshot()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(config.seed, index, 2))
+        for _ in range(config.epochs):
+            perm = torch.randperm(pairs.n_pairs, generator=order)
+            for batch in torch.split(perm, config.batch_size):
+                idx = batch.numpy()
+                images = normalize_images(pairs.pixels(idx)).to(device)
+                texts = pairs.texts[batch].to(device)
+                loss = symmetric_ce(student(images, texts))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if not torch.isfinite(loss):
+                raise ShardError(f"expert {index}: training loss became {loss.item()}")
+            snapshot()
+    return torch.stack(snaps_img), torch.stack(snaps_txt)
+
+
+def expert_meta(config: BufferConfig, pairs: PairSet, index: int, student_dims: dict) -> dict:
+    """Metadata stored in each expert file (plain types only)."""
+    return {
+        "version": FORMAT_VERSION,
+        "expert": index,
+        **asdict(config),
+        **student_dims,
+        "text_dim": pairs.text_dim,
+        "pairs": pairs.n_pairs,
+        "data": pairs.source,
+        "mean": list(IMAGE_MEAN),
+        "std": list(IMAGE_STD),
+    }
+
+
+def _dims(config: BufferConfig, text_dim: int) -> dict:
+    student = build_student(config.image_encoder, text_dim, config.image_size, 0)
+    return {
+        "n_img": student.image_layout.size,
+        "n_txt": student.text_layout.size,
+        "embed_dim": student.embed_dim,
+    }
+
+
+def train_expert(
+    item: dict, *, cache_dir: str, stem: str, config: dict, dims: dict, out_dir: str, device: str
+) -> dict:
+    """Work item: train one expert from the memory-mapped data cache and save its file."""
+    from mmcurate.embed import resolve_device
+
+    cfg = BufferConfig(**config)
+    pairs = from_cache(cache_dir, stem)
+    index = int(item["index"])
+    traj_img, traj_txt = expert_trajectory(pairs, cfg, index, resolve_device(device))
+    payload = {"image": traj_img, "text": traj_txt, "meta": expert_meta(cfg, pairs, index, dims)}
+    torch_save_atomic(payload, expert_path(out_dir, index))
+    return {"rows": pairs.n_pairs * cfg.epochs, "expert": index}
+
+
+def read_expert(path: str | os.PathLike, mmap: bool = True) -> dict:
+    """Load an expert file with weights_only=True and check its layout; UsageError if corrupt."""
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"corrupt buffer file {path}: {reason[:200]}") from None
+    if not isinstance(data, dict) or not {"image", "text", "meta"} <= set(data):
+        raise UsageError(f"corrupt buffer file {path}: expected keys image, text, meta")
+    img, txt, meta = data["image"], data["text"], data["meta"]
+    ok = (
+        isinstance(img, torch.Tensor)
+        and isinstance(txt, torch.Tensor)
+        and isinstance(meta, dict)
+        and img.ndim == 2
+        and txt.ndim == 2
+        and img.shape[0] == txt.shape[0] == int(meta.get("epochs", -2)) + 1
+        and img.shape[1] == meta.get("n_img")
+        and txt.shape[1] == meta.get("n_txt")
+    )
+    if not ok:
+        raise UsageError(f"corrupt buffer file {path}: tensor shapes do not match its metadata")
+    return data
+
+
+def _expert_complete(path: Path, expected: dict) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        meta = read_expert(path)["meta"]
+    except UsageError:
+        return False
+    return all(meta.get(k) == v for k, v in expected.items())
+
+
+def make_buffers(
+    data: str | PairSet,
+    out_dir: str | os.PathLike,
+    config: BufferConfig,
+    executor: Executor,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    image_root: str | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Train the missing experts of OUT_DIR on DATA (a path or a PairSet); returns a summary."""
+    config = replace(config, image_encoder=canonical_image_encoder(config.image_encoder)).check()
+    out = Path(out_dir)
+    _check_manifest(out, config, None)
+    cache = Path(cache_dir) if cache_dir else out / "cache"
+    if isinstance(data, PairSet):
+        if data.image_size != config.image_size or data.text_encoder != config.text_encoder:
+            raise UsageError(
+                f"the pairs are {data.image_size} px with {data.text_encoder!r} texts, the "
+                f"config asks for {config.image_size} px and {config.text_encoder!r}"
+            )
+        stem = memory_stem(data)
+        if read_done(cache, stem) is None:
+            save_pairs(data, cache, stem)
+    else:
+        stem = prepare_pairs(
+            data,
+            image_size=config.image_size,
+            text_encoder=config.text_encoder,
+            cache_dir=cache,
+            image_root=image_root,
+            device=device,
+        )
+    pairs = from_cache(cache, stem)
+    source = data.source if isinstance(data, PairSet) else str(data)
+    _check_manifest(out, config, stem)
+    dims = _dims(config, pairs.text_dim)
+    write_json_atomic(
+        out / MANIFEST,
+        {"version": FORMAT_VERSION, **asdict(config), **dims, "data": source, "cache": stem},
+    )
+    expected = {**asdict(config), **dims, "version": FORMAT_VERSION, "text_dim": pairs.text_dim}
+    expected.pop("experts")
+    items = [{"name": expert_path(out, i).stem, "index": i} for i in range(config.experts)]
+    fn = functools.partial(
+        train_expert,
+        cache_dir=str(cache),
+        stem=stem,
+        config=asdict(config),
+        dims=dims,
+        out_dir=str(out),
+        device=device,
+    )
+    outcomes, skipped = run_stage(
+        executor,
+        fn,
+        items,
+        is_done=lambda it: _expert_complete(expert_path(out, it["index"]), expected),
+        desc="experts",
+        count_key="rows",
+    )
+    summary = summarise(outcomes, skipped)
+    summary.update({"pairs": pairs.n_pairs, "images": pairs.n_images, **dims})
+    return summary
+
+
+def _check_manifest(out: Path, config: BufferConfig, stem: str | None) -> None:
+    """Refuse to mix experts of different settings or data in one directory."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return
+    import json
+
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return
+    keys = (*ARCH_KEYS, "epochs", "lr", "batch_size", "seed")
+    diff = [k for k in keys if k in old and old[k] != getattr(config, k)]
+    if diff:
+        k = diff[0]
+        raise UsageError(
+            f"{out} holds buffers made with {k}={old[k]!r}, not {getattr(config, k)!r}; "
+            "use another --out"
+        )
+    if stem is not None and old.get("cache") not in (None, stem):
+        raise UsageError(
+            f"{out} holds buffers made from other data ({old.get('data')}); use another --out"
+        )
+
+
+@dataclass
+class Buffers:
+    """The expert trajectories of a buffer directory, memory-mapped."""
+
+    directory: Path
+    meta: dict
+    experts: list[dict]
+
+    @property
+    def epochs(self) -> int:
+        """T, the epochs per expert (each holds T+1 snapshots)."""
+        return int(self.meta["epochs"])
+
+    def segment(self, expert: int, start: int, length: int) -> tuple[torch.Tensor, ...]:
+        """(θ_img[start], θ_txt[start], θ_img[start+length], θ_txt[start+length])."""
+        e = self.experts[expert]
+        end = start + length
+        return e["image"][start], e["text"][start], e["image"][end], e["text"][end]
+
+
+def load_buffers(directory: str | os.PathLike, expect: dict | None = None) -> Buffers:
+    """All expert files of DIRECTORY, validated; `expect` pins image/text encoder and size."""
+    root = Path(directory)
+    paths = sorted(root.glob("expert_*.pt")) if root.is_dir() else []
+    if not paths:
+        raise UsageError(f"no expert buffers (expert_*.pt) in {root}; run `mmcurate buffer` first")
+    experts = [read_expert(p) for p in paths]
+    meta = dict(experts[0]["meta"])
+    for path, e in zip(paths[1:], experts[1:], strict=True):
+        for key in (*ARCH_KEYS, "epochs", "n_img", "n_txt"):
+            if e["meta"].get(key) != meta.get(key):
+                raise UsageError(f"buffer file {path} differs from the others in {key}")
+    expect = dict(expect or {})
+    if expect.get("image_encoder"):
+        expect["image_encoder"] = canonical_image_encoder(expect["image_encoder"])
+    for key, value in expect.items():
+        if value is not None and meta.get(key) != value:
+            raise UsageError(
+                f"buffers in {root} were made for {key.replace('_', ' ')} "
+                f"{meta.get(key)!r}, not {value!r}"
+            )
+    return Buffers(root, meta, experts)

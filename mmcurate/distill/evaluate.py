@@ -1,0 +1,212 @@
+"""Evaluation (SPEC §6): fresh students trained on a small set, retrieval on a test split.
+
+Figures are taken after the last epoch; nothing is selected on test data.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mmcurate.distill.buffers import Buffers, derive_seed
+from mmcurate.distill.data import PairSet
+from mmcurate.distill.distiller import (
+    artifact_config_of,
+    distill,
+    mtt_config,
+    pick_init_pairs,
+    similarity_matrix,
+)
+from mmcurate.distill.losses import get_loss
+from mmcurate.distill.students import Student, build_student, normalize_images
+from mmcurate.errors import MmcurateError, UsageError
+from mmcurate.metrics.retrieval import mean_recall, retrieval_recall, summarize_runs
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Training of the evaluation students (published: momentum 0.9, wd 5e-4, 100 epochs)."""
+
+    num_eval: int = 5
+    epochs: int = 100
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    seed: int = 0
+
+    def check(self) -> EvalConfig:
+        """Refuse settings that cannot run."""
+        if self.num_eval < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("--num-eval, --epochs and the batch size must be >= 1")
+        if not 0 <= self.momentum < 1:
+            raise UsageError(f"--eval-momentum must be in [0, 1), got {self.momentum}")
+        return self
+
+
+@dataclass
+class SmallSet:
+    """What an evaluation student trains on: normalised images, text features, S and η."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    similarity: torch.Tensor
+    lr_img: float
+    lr_txt: float
+    loss: str
+    arch: dict
+
+
+def train_student(
+    student: Student, small: SmallSet, cfg: EvalConfig, seed: int, device: torch.device | str
+) -> Student:
+    """SGD with momentum and weight decay, lr ×0.1 from epoch epochs//2 + 1, S sub-blocks."""
+    device = torch.device(device)
+    if small.lr_img <= 0 or small.lr_txt <= 0:
+        raise MmcurateError(
+            f"learned learning rates must be positive, got lr_img={small.lr_img:.4g}, "
+            f"lr_txt={small.lr_txt:.4g}; the distillation diverged"
+        )
+    optimizer = torch.optim.SGD(
+        [
+            {"params": student.image.parameters(), "lr": small.lr_img},
+            {"params": student.text.parameters(), "lr": small.lr_txt},
+        ],
+        lr=small.lr_img,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
+    loss_fn = get_loss(small.loss)
+    images, texts = small.images.to(device), small.texts.to(device)
+    sim = small.similarity.to(device)
+    order = torch.Generator().manual_seed(derive_seed(seed, 1))
+    student.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(seed, 2))
+        for epoch in range(cfg.epochs):
+            if epoch == cfg.epochs // 2:
+                for group in optimizer.param_groups:
+                    group["lr"] *= 0.1
+            for batch in torch.split(torch.randperm(len(images), generator=order), cfg.batch_size):
+                b = batch.to(device)
+                loss = loss_fn(student(images[b], texts[b]), sim[b][:, b])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return student
+
+
+@torch.no_grad()
+def embed_test(
+    student: Student, test: PairSet, mean, std, device: torch.device, batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features of every test image and text features of every test caption."""
+    student.eval()
+    feats = []
+    for s in range(0, test.n_images, batch):
+        pixels = torch.from_numpy(np.array(test.images[s : s + batch]))
+        feats.append(student.image(normalize_images(pixels, mean, std).to(device)).cpu())
+    texts = [
+        student.text(test.texts[s : s + batch].to(device)).cpu()
+        for s in range(0, test.n_pairs, batch)
+    ]
+    return torch.cat(feats), torch.cat(texts)
+
+
+def evaluate_small_set(
+    small: SmallSet,
+    test: PairSet,
+    cfg: EvalConfig,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """num_eval fresh students; per-run last-epoch recalls and their mean ± std."""
+    cfg.check()
+    device = torch.device(device)
+    arch = small.arch
+    if test.image_size != arch["image_size"] or test.text_dim != arch["text_dim"]:
+        raise UsageError(
+            f"test data has {test.image_size} px images and {test.text_dim}-d texts; the set "
+            f"needs {arch['image_size']} px and {arch['text_dim']}-d ({arch['text_encoder']})"
+        )
+    runs = []
+    for k in tqdm(range(cfg.num_eval), desc="evaluate", unit="student", disable=not progress):
+        seed = derive_seed(cfg.seed, 1000 + k)
+        student = build_student(
+            arch["image_encoder"], arch["text_dim"], arch["image_size"], seed, device
+        )
+        train_student(student, small, cfg, seed, device)
+        img, txt = embed_test(student, test, arch["mean"], arch["std"], device)
+        runs.append(retrieval_recall(img, txt, test.image_index))
+    summary = summarize_runs(runs)
+    return {
+        "summary": summary,
+        "runs": runs,
+        "mean_recall": float(np.mean([mean_recall(r) for r in runs])),
+    }
+
+
+def _arch(cfg: dict) -> dict:
+    keys = ("image_encoder", "text_encoder", "image_size", "text_dim", "mean", "std")
+    return {k: cfg[k] for k in keys}
+
+
+def artifact_set(art: dict) -> SmallSet:
+    """A distilled artifact as a training set: its S, learned η and loss."""
+    cfg = art["config"]
+    return SmallSet(
+        images=art["images"].float(),
+        texts=art["texts"].float(),
+        similarity=similarity_matrix(art),
+        lr_img=float(art["lr_img"]),
+        lr_txt=float(art["lr_txt"]),
+        loss=str(cfg.get("loss", "wbce")),
+        arch=_arch(cfg),
+    )
+
+
+def random_set(art: dict, train: PairSet, n: int, seed: int) -> SmallSet:
+    """The random baseline: N random real pairs, S = I, cross-entropy, the experts' lr."""
+    cfg = art["config"]
+    chosen = pick_init_pairs(train, n, seed)
+    lr = float(cfg.get("expert_lr", 0.1))
+    return SmallSet(
+        images=normalize_images(train.pixels(chosen), cfg["mean"], cfg["std"]),
+        texts=train.texts[torch.from_numpy(chosen)].float(),
+        similarity=torch.eye(n),
+        lr_img=lr,
+        lr_txt=lr,
+        loss="ce",
+        arch=_arch(cfg),
+    )
+
+
+def mtt_artifact(
+    art: dict,
+    train: PairSet,
+    buffers: Buffers,
+    device: torch.device | str = "cpu",
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    pairs: int | None = None,
+) -> dict[str, Any]:
+    """The MTT-VL baseline at N pairs (default the artifact's): S fixed to I, cross-entropy."""
+    config = mtt_config(artifact_config_of(art))
+    if pairs is not None:
+        config = replace(config, pairs=pairs)
+    extra = {k: art["config"][k] for k in ("data",) if k in art["config"]}
+    return distill(
+        train,
+        buffers,
+        config,
+        device=device,
+        out=out,
+        save_every=100 if out is not None else 0,
+        resume=out is not None,
+        progress=progress,
+        extra_config=extra,
+    )

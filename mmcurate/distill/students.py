@@ -1,0 +1,226 @@
+"""Student networks of SPEC §6: an image backbone plus a projection head on frozen text features.
+
+Parameters live in two flat vectors (image, text) and the forward pass goes through
+`torch.func.functional_call`, so trajectory matching can run a student at any point θ_t.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from mmcurate.errors import UsageError
+
+TEMPERATURE = 0.07
+LOGIT_SCALE = math.log(1.0 / TEMPERATURE)
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+TIMM_ALIASES = {"mmc-tiny": "test_resnet"}
+_CONVNET = re.compile(r"^convnet-w(\d+)-d(\d+)$")
+
+
+class ConvNet(nn.Module):
+    """The MTT ConvNet: depth x [conv3x3, instance norm, ReLU, avg-pool 2], flatten, linear."""
+
+    def __init__(self, width: int, depth: int, image_size: int, out_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, size = 3, image_size
+        for _ in range(depth):
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1),
+                nn.GroupNorm(width, width, affine=True),
+                nn.ReLU(),
+                nn.AvgPool2d(2),
+            ]
+            channels, size = width, size // 2
+        if size < 1:
+            raise UsageError(f"image size {image_size} is too small for a ConvNet of depth {depth}")
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(width * size * size, out_dim)
+        self.num_features = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled image features (n, out_dim)."""
+        return self.fc(self.features(x).flatten(1))
+
+
+class ProjectionHead(nn.Module):
+    """Trainable head on frozen CLS features: LayerNorm(Dropout(W2 GELU(W1 x)) + W1 x)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.projection = nn.Linear(in_dim, out_dim)
+        self.fc = nn.Linear(out_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Projected text features (n, out_dim)."""
+        p = self.projection(x)
+        return self.layer_norm(self.dropout(self.fc(F.gelu(p))) + p)
+
+
+def _timm_backbone(name: str) -> nn.Module:
+    """A timm model without classifier; `name@path` loads local weights, `name@random` none."""
+    import timm
+
+    base, _, weights = name.partition("@")
+    arch = TIMM_ALIASES.get(base, base)
+    if not timm.is_model(arch):
+        raise UsageError(f"unknown image encoder {name!r}: not convnet-tiny, convnet-wW-dD or timm")
+    if base in TIMM_ALIASES or weights == "random":
+        return timm.create_model(arch, pretrained=False, num_classes=0)
+    if weights:
+        try:
+            return timm.create_model(
+                arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": weights}
+            )
+        except Exception as exc:
+            raise UsageError(f"cannot load weights {weights} for timm:{arch}: {exc}") from None
+    try:
+        return timm.create_model(arch, pretrained=True, num_classes=0)
+    except Exception:
+        raise UsageError(
+            f"ImageNet weights for timm:{arch} could not be fetched; "
+            f"use --image-encoder {arch}@/local/weights.pth (or {arch}@random)"
+        ) from None
+
+
+def canonical_image_encoder(name: str) -> str:
+    """The image encoder name as stored in buffers: a `timm:` prefix is dropped."""
+    return name.removeprefix("timm:")
+
+
+def image_backbone(name: str, image_size: int) -> nn.Module:
+    """The image encoder named by NAME: convnet-tiny, convnet-wW-dD, mmc-tiny or a timm model."""
+    name = canonical_image_encoder(name)
+    if name == "convnet-tiny":
+        return ConvNet(32, 3, image_size, 64)
+    match = _CONVNET.match(name)
+    if match:
+        width, depth = int(match.group(1)), int(match.group(2))
+        return ConvNet(width, depth, image_size, width)
+    return _timm_backbone(name)
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Names, shapes and sizes of a module's parameters in flat-vector order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    numels: tuple[int, ...]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> FlatLayout:
+        """The layout of a module's trainable parameters."""
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return cls(
+            tuple(n for n, _ in named),
+            tuple(p.shape for _, p in named),
+            tuple(p.numel() for _, p in named),
+        )
+
+    @property
+    def size(self) -> int:
+        """Total number of parameters."""
+        return sum(self.numels)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views of `flat` keyed by parameter name, for functional_call."""
+        parts = torch.split(flat, list(self.numels))
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+
+def flatten_params(module: nn.Module) -> Tensor:
+    """A detached copy of a module's trainable parameters as one vector."""
+    params = [p.detach().reshape(-1) for p in module.parameters() if p.requires_grad]
+    return torch.cat(params).clone()
+
+
+class Student(nn.Module):
+    """Image backbone + text projection head, with a fixed temperature of 0.07."""
+
+    def __init__(
+        self, image_encoder: str, text_dim: int, image_size: int, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.image_size = image_size
+        self.image = image_backbone(image_encoder, image_size)
+        self.embed_dim = int(self.image.num_features)
+        self.text_dim = int(text_dim)
+        self.text = ProjectionHead(text_dim, self.embed_dim, dropout)
+        self.image_layout = FlatLayout.of(self.image)
+        self.text_layout = FlatLayout.of(self.text)
+
+    def flat(self) -> tuple[Tensor, Tensor]:
+        """Detached copies of the current image and text parameters."""
+        return flatten_params(self.image), flatten_params(self.text)
+
+    def features(
+        self, p_img: Tensor, p_txt: Tensor, images: Tensor, texts: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Image and text features of the student at the flat parameters (p_img, p_txt)."""
+        f = functional_call(self.image, self.image_layout.unflatten(p_img), (images,))
+        g = functional_call(self.text, self.text_layout.unflatten(p_txt), (texts,))
+        return f, g
+
+    def logits(self, p_img: Tensor, p_txt: Tensor, images: Tensor, texts: Tensor) -> Tensor:
+        """exp(logit_scale) * f̂ ĝᵀ at the flat parameters."""
+        f, g = self.features(p_img, p_txt, images, texts)
+        return scaled_logits(f, g)
+
+    def forward(self, images: Tensor, texts: Tensor) -> Tensor:
+        """Logits with the module's own parameters (for ordinary training)."""
+        return scaled_logits(self.image(images), self.text(texts))
+
+
+def scaled_logits(f: Tensor, g: Tensor) -> Tensor:
+    """Cosine similarities scaled by 1/0.07."""
+    return math.exp(LOGIT_SCALE) * F.normalize(f, dim=-1) @ F.normalize(g, dim=-1).T
+
+
+def build_student(
+    image_encoder: str,
+    text_dim: int,
+    image_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    dropout: float = 0.1,
+) -> Student:
+    """A student whose random initialisation depends only on `seed` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = Student(image_encoder, text_dim, image_size, dropout)
+    return student.to(device=device, dtype=dtype)
+
+
+def normalize_images(
+    pixels: Tensor,
+    mean: Sequence[float] = IMAGE_MEAN,
+    std: Sequence[float] = IMAGE_STD,
+) -> Tensor:
+    """uint8 (n,H,W,3) -> float32 (n,3,H,W) normalised by mean/std."""
+    x = pixels.permute(0, 3, 1, 2).float() / 255.0
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def denormalize_images(
+    x: Tensor, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD
+) -> Tensor:
+    """float (n,3,H,W) normalised -> float (n,3,H,W) in [0, 1]."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * s + m).clamp(0, 1)

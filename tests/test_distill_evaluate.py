@@ -1,0 +1,133 @@
+"""Evaluation students: the published schedule, last-epoch figures, and the baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmcurate.distill.buffers import derive_seed
+from mmcurate.distill.data import PairSet
+from mmcurate.distill.distiller import pick_init_pairs
+from mmcurate.distill.evaluate import (
+    EvalConfig,
+    SmallSet,
+    evaluate_small_set,
+    random_set,
+    train_student,
+)
+from mmcurate.distill.losses import wbce
+from mmcurate.distill.students import IMAGE_MEAN, IMAGE_STD, build_student, normalize_images
+from mmcurate.errors import MmcurateError, UsageError
+from mmcurate.metrics import retrieval_recall
+
+ARCH = {
+    "image_encoder": "convnet-w8-d2",
+    "text_encoder": "hf-text:mmc-tiny-bert",
+    "image_size": 16,
+    "text_dim": 12,
+    "mean": list(IMAGE_MEAN),
+    "std": list(IMAGE_STD),
+}
+
+
+def _small(seed=0, n=6):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.eye(n) + 0.3 * torch.rand(n, n, generator=gen)
+    return SmallSet(
+        images=torch.randn(n, 3, 16, 16, generator=gen),
+        texts=torch.randn(n, 12, generator=gen),
+        similarity=s,
+        lr_img=0.05,
+        lr_txt=0.2,
+        loss="wbce",
+        arch=ARCH,
+    )
+
+
+def _test_pairs(seed=1, n_images=10):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n_images, 16, 16, 3), generator=gen, dtype=torch.uint8)
+    return PairSet(
+        images=images.numpy(),
+        image_index=np.repeat(np.arange(n_images), 2),
+        texts=torch.randn(2 * n_images, 12, generator=gen),
+        captions=[f"c{i}" for i in range(2 * n_images)],
+        uids=[f"{i:032x}" for i in range(2 * n_images)],
+    )
+
+
+def _manual_training(student, small, cfg, seed):
+    """An independent loop: SGD with momentum and weight decay written out by hand."""
+    groups = [(list(student.image.parameters()), small.lr_img)]
+    groups.append((list(student.text.parameters()), small.lr_txt))
+    velocity = {id(p): None for params, _ in groups for p in params}
+    order = torch.Generator().manual_seed(derive_seed(seed, 1))
+    student.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, 2))
+        for epoch in range(cfg.epochs):
+            scale = 0.1 if epoch >= cfg.epochs // 2 else 1.0
+            perm = torch.randperm(small.images.shape[0], generator=order)
+            for b in torch.split(perm, cfg.batch_size):
+                loss = wbce(student(small.images[b], small.texts[b]), small.similarity[b][:, b])
+                student.zero_grad()
+                loss.backward()
+                with torch.no_grad():
+                    for params, lr in groups:
+                        for p in params:
+                            d = p.grad + cfg.weight_decay * p
+                            v = velocity[id(p)]
+                            v = d.clone() if v is None else cfg.momentum * v + d
+                            velocity[id(p)] = v
+                            p -= lr * scale * v
+    return student
+
+
+def test_published_schedule_and_last_epoch_figures():
+    small, test = _small(), _test_pairs()
+    cfg = EvalConfig(num_eval=2, epochs=6, batch_size=4, seed=7)
+    result = evaluate_small_set(small, test, cfg, progress=False)
+    assert cfg.momentum == 0.9 and cfg.weight_decay == 5e-4 and EvalConfig().epochs == 100
+    for k in range(2):
+        seed = derive_seed(7, 1000 + k)
+        ours = train_student(build_student("convnet-w8-d2", 12, 16, seed), small, cfg, seed, "cpu")
+        hand = _manual_training(build_student("convnet-w8-d2", 12, 16, seed), small, cfg, seed)
+        for a, b in zip(ours.parameters(), hand.parameters(), strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+        hand.eval()
+        with torch.no_grad():
+            img = hand.image(normalize_images(torch.from_numpy(test.images)))
+            txt = hand.text(test.texts)
+        expected = retrieval_recall(img, txt, test.image_index)
+        assert result["runs"][k] == pytest.approx(expected)
+    for key, value in result["summary"].items():
+        runs = [r[key] for r in result["runs"]]
+        assert value == pytest.approx({"mean": np.mean(runs), "std": np.std(runs)})
+
+
+def test_bad_evaluation_inputs():
+    small, test = _small(), _test_pairs()
+    with pytest.raises(MmcurateError, match="learned learning rates must be positive"):
+        bad = SmallSet(**{**small.__dict__, "lr_txt": -0.1})
+        evaluate_small_set(bad, test, EvalConfig(num_eval=1, epochs=1), progress=False)
+    other = SmallSet(**{**small.__dict__, "arch": {**ARCH, "image_size": 32}})
+    with pytest.raises(UsageError, match="needs 32 px"):
+        evaluate_small_set(other, test, EvalConfig(num_eval=1, epochs=1), progress=False)
+    with pytest.raises(UsageError, match="eval-momentum"):
+        EvalConfig(momentum=1.5).check()
+
+
+def test_random_baseline_set():
+    train = _test_pairs(seed=3, n_images=12)
+    art = {"config": {**ARCH, "expert_lr": 0.1}}
+    chosen = pick_init_pairs(train, 5, seed=2)
+    assert len(set(train.image_index[chosen].tolist())) == 5
+    assert np.array_equal(chosen, pick_init_pairs(train, 5, seed=2))
+    small = random_set(art, train, 5, seed=2)
+    assert torch.equal(small.similarity, torch.eye(5)) and small.loss == "ce"
+    assert small.lr_img == small.lr_txt == 0.1
+    assert torch.equal(small.texts, train.texts[torch.from_numpy(chosen)])
+    assert torch.equal(small.images, normalize_images(train.pixels(chosen)))
+    with pytest.raises(UsageError, match="fewer than N = 13"):
+        pick_init_pairs(train, 13, seed=0)

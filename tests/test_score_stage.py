@@ -1,0 +1,364 @@
+"""The `score` stage and command end to end: sidecars read back with pyarrow, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mmcurate.cli.main import Group
+from mmcurate.cli.score_cmd import score
+from mmcurate.curate.score_stage import (
+    WindowRows,
+    make_config,
+    plan_windows,
+    run_score,
+    window_items,
+)
+from mmcurate.curate.scores import negclip_scores
+from mmcurate.curate.targets import load_target
+from mmcurate.data.store import write_stem
+from mmcurate.data.uid import sample_uid
+from mmcurate.engine import LocalExecutor
+from mmcurate.errors import UsageError
+
+CLI = Group(name="mmcurate", commands={"score": score})
+
+
+def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def pairs(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    img = unit(rng, n, d)
+    txt = img + rng.uniform(0.2, 2.0, (n, 1)) * rng.standard_normal((n, d)) / math.sqrt(d)
+    return img.astype(np.float16), (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(
+        np.float16
+    )
+
+
+def meta_table(stem: str, n: int) -> pa.Table:
+    keys = [f"{i:06d}" for i in range(n)]
+    return pa.table(
+        {
+            "uid": [sample_uid(stem, k) for k in keys],
+            "key": keys,
+            "caption": [f"caption {k}" for k in keys],
+            "url": [None] * n,
+            "shard": [stem] * n,
+        }
+    )
+
+
+def make_store(root: Path, sizes: list[int], d: int = 16, seed: int = 0, stats=None) -> dict:
+    """A store of random unit pairs, one stem per size; returns {stem: (img, txt)}."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, n in enumerate(sizes):
+        stem = f"{i:05d}"
+        img, txt = pairs(rng, n, d)
+        write_stem(root, stem, meta_table(stem, n), {"img": img, "txt": txt}, stats or {})
+        out[stem] = (img, txt)
+    return out
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(CLI, ["score", *map(str, args)])
+
+
+def read_sidecar(out: Path, stem: str) -> pa.Table:
+    return pq.read_table(out / f"{stem}.scores.parquet")
+
+
+def test_plan_windows_groups_consecutive_stems():
+    counts = [("a", 100), ("b", 100), ("c", 100), ("d", 30)]
+    assert plan_windows(counts, 200, 64) == [["a", "b"], ["c", "d"]]
+    assert plan_windows([("a", 250), ("b", 10)], 200, 64) == [["a", "b"]]
+    assert plan_windows([("a", 250), ("b", 70)], 200, 64) == [["a"], ["b"]]
+    assert plan_windows([("a", 5)], 200, 64) == [["a"]]
+
+
+def test_window_rows_gathers_across_stems_in_request_order():
+    a, b = np.arange(20, dtype=np.float16).reshape(10, 2), -np.ones((4, 2), np.float16)
+    view = WindowRows([(a, np.array([1, 3, 4])), (b, np.array([0, 2]))], 2)
+    assert len(view) == 5
+    np.testing.assert_array_equal(view[np.array([4, 0, 2])], np.stack([b[2], a[1], a[4]]))
+    np.testing.assert_array_equal(view[1:3], a[[3, 4]])
+
+
+def test_score_end_to_end_matches_the_library(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "scores"
+    data = make_store(store, [90, 80, 70, 30], d=16)
+    rng = np.random.default_rng(9)
+    targets = unit(rng, 300, 16).astype(np.float32)
+    targets[:20] *= -1
+    np.save(tmp_path / "target.npy", targets)
+    json_path = tmp_path / "summary.json"
+    result = run_cli(
+        store, "--out", out, "--metric", "clipscore", "--metric", "negclip",
+        "--metric", "normsim", "--target", tmp_path / "target.npy",
+        "--p", "2", "--p", "inf", "--p", "3", "--batch-size", "64", "--k", "3",
+        "--window", "150", "--seed", "11", "--temperature", "0.05", "--json", json_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "τ=0.05 (--temperature)" in result.output
+    summary = json.loads(json_path.read_text())
+    assert summary["rows"] == summary["read"] == 270 and summary["windows"] == 2
+    cols = ["clipscore", "negclip", "normsim_2", "normsim_inf", "normsim_3"]
+    tables = {stem: read_sidecar(out, stem) for stem in data}
+    for stem, table in tables.items():
+        assert table.column_names == ["uid", *cols]
+        assert all(table.schema.field(c).type == pa.float32() for c in cols)
+        assert (
+            table.column("uid").to_pylist()
+            == meta_table(stem, len(data[stem][0]))["uid"].to_pylist()
+        )
+        marker = json.loads((out / f"{stem}.done.json").read_text())
+        assert marker["rows"] == marker["read"] == len(data[stem][0])
+        assert marker["tau"] == 0.05 and marker["metrics"] == cols
+    windows = [["00000", "00001"], ["00002", "00003"]]
+    for index, stems in enumerate(windows):
+        img = np.concatenate([data[s][0] for s in stems]).astype(np.float32)
+        txt = np.concatenate([data[s][1] for s in stems]).astype(np.float32)
+        got = {c: np.concatenate([tables[s].column(c).to_numpy() for s in stems]) for c in cols}
+        sims = img.astype(np.float64) @ targets.T.astype(np.float64)
+        np.testing.assert_allclose(got["clipscore"], (img * txt).sum(1), atol=1e-6)
+        expected = negclip_scores(img, txt, tau=0.05, batch_size=64, k=3, seed=(11, index))
+        np.testing.assert_allclose(got["negclip"], expected, atol=1e-6)
+        np.testing.assert_allclose(got["normsim_2"], np.sqrt((sims**2).sum(1)), atol=1e-5)
+        np.testing.assert_allclose(got["normsim_inf"], np.abs(sims).max(1), atol=1e-6)
+        np.testing.assert_allclose(got["normsim_3"], (np.abs(sims) ** 3).sum(1) ** (1 / 3), 1e-5)
+
+
+def test_one_and_two_workers_give_identical_scores_and_resume(tmp_path):
+    store = tmp_path / "store"
+    make_store(store, [60, 60, 60, 60], d=8)
+
+    def run(out: Path, workers: int, **kw) -> dict:
+        cfg = make_config(str(store), str(out), batch_size=32, k=2, window=100, **kw)
+        return run_score(cfg, LocalExecutor(workers=workers, threads=1))
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert not run(one, 1)["failed"]
+    assert not run(two, 2)["failed"]
+    for stem in ("00000", "00001", "00002", "00003"):
+        assert read_sidecar(one, stem).equals(read_sidecar(two, stem))
+    again = run(one, 1)
+    assert again["done"] == [] and len(again["already_done"]) == 2
+    (one / "00003.done.json").unlink()
+    partial = run(one, 1)
+    assert partial["done"] == ["w00001:00002..00003"] and len(partial["already_done"]) == 1
+    assert read_sidecar(one, "00003").equals(read_sidecar(two, "00003"))
+    changed = run(one, 1, seed=1)
+    assert len(changed["done"]) == 2
+    assert not read_sidecar(one, "00000").equals(read_sidecar(two, "00000"))
+
+
+def test_datacomp_layout_scores_with_l14_keys(tmp_path):
+    store, out = tmp_path / "metadata", tmp_path / "scores"
+    store.mkdir()
+    rng = np.random.default_rng(1)
+    uids = {}
+    for stem, n in (("0000000", 40), ("0000001", 25)):
+        img, txt = pairs(rng, n, 12)
+        uids[stem] = [
+            f"{rng.integers(0, 2**63):016x}{rng.integers(0, 2**63):016x}" for _ in range(n)
+        ]
+        table = pa.table(
+            {"uid": uids[stem], "text": ["a caption"] * n, "url": ["http://x/y.jpg"] * n}
+        )
+        pq.write_table(table, store / f"{stem}.parquet")
+        np.savez(store / f"{stem}.npz", l14_img=img, l14_txt=txt, b32_img=img[:, :4])
+    result = run_cli(
+        store, "--out", out, "--img-key", "l14_img", "--txt-key", "l14_txt",
+        "--batch-size", "16", "--k", "2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "τ=0.01 (default)" in result.output
+    for stem, expected in uids.items():
+        table = read_sidecar(out, stem)
+        assert table.column_names == ["uid", "clipscore", "negclip"]
+        assert table.column("uid").to_pylist() == expected
+        assert np.isfinite(table.column("negclip").to_numpy()).all()
+    assert not list(store.glob("*.done.json"))
+
+
+def test_tau_defaults_to_inverse_logit_scale_recorded_in_store(tmp_path):
+    store = tmp_path / "store"
+    make_store(store, [40], stats={"logit_scale": 50.0})
+    cfg = make_config(str(store), str(tmp_path / "out"))
+    assert cfg.tau == pytest.approx(0.02) and "logit_scale" in cfg.tau_source
+
+
+def test_target_dimension_mismatch_fails_the_window(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "scores"
+    make_store(store, [50], d=64)
+    np.save(tmp_path / "t.npy", unit(np.random.default_rng(0), 10, 32).astype(np.float32))
+    result = run_cli(store, "--out", out, "--target", tmp_path / "t.npy", "--json", out / "s.json")
+    assert result.exit_code == 1
+    assert "embedding dim 64 does not match target dim 32" in result.output
+    summary = json.loads((out / "s.json").read_text())
+    assert list(summary["failed"]) == ["w00000:00000"]
+    assert not list(out.glob("*.scores.parquet")) and not list(out.glob("*.done.json"))
+
+
+def test_nan_and_inf_embeddings_are_skipped_and_counted(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "scores"
+    rng = np.random.default_rng(2)
+    img, txt = pairs(rng, 80, 8)
+    img[3, 0] = np.nan
+    txt[10, 5] = np.inf
+    img[11] = np.nan
+    meta = meta_table("00000", 80)
+    write_stem(store, "00000", meta, {"img": img, "txt": txt}, {})
+    result = run_cli(store, "--out", out, "--batch-size", "32", "--k", "2", "--json", out / "s")
+    assert result.exit_code == 0, result.output
+    assert "nonfinite_embedding: 3" in result.output
+    table = read_sidecar(out, "00000")
+    bad = {meta["uid"][i].as_py() for i in (3, 10, 11)}
+    assert table.num_rows == 77 and not bad & set(table.column("uid").to_pylist())
+    assert np.isfinite(table.column("negclip").to_numpy()).all()
+    marker = json.loads((out / "00000.done.json").read_text())
+    assert marker["read"] == 80 and marker["rows"] == 77
+    assert marker["skipped"] == {"nonfinite_embedding": 3}
+    keep = np.setdiff1d(np.arange(80), [3, 10, 11])
+    expected = negclip_scores(
+        img[keep].astype(np.float32), txt[keep].astype(np.float32), 0.01, 32, 2, (0, 0)
+    )
+    np.testing.assert_allclose(table.column("negclip").to_numpy(), expected, atol=1e-6)
+
+
+def test_duplicate_uids_and_an_all_nan_stem_are_counted_not_lost(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "scores"
+    rng = np.random.default_rng(5)
+    img, txt = pairs(rng, 40, 8)
+    meta = meta_table("00000", 40)
+    uids = meta["uid"].to_pylist()
+    uids[7] = uids[2]
+    meta = meta.set_column(0, "uid", pa.array(uids))
+    write_stem(store, "00000", meta, {"img": img, "txt": txt}, {})
+    bad_img, bad_txt = pairs(rng, 30, 8)
+    bad_img[:] = np.nan
+    write_stem(store, "00001", meta_table("00001", 30), {"img": bad_img, "txt": bad_txt}, {})
+    result = run_cli(store, "--out", out, "--batch-size", "16", "--k", "1", "--json", out / "s")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "s").read_text())
+    assert summary["read"] == 70 and summary["rows"] == 39
+    assert summary["skipped"] == {"duplicate_uid": 1, "nonfinite_embedding": 30}
+    first = read_sidecar(out, "00000")
+    assert first.num_rows == 39 and first.column("uid").to_pylist() == uids[:7] + uids[8:]
+    assert read_sidecar(out, "00001").num_rows == 0
+    marker = json.loads((out / "00001.done.json").read_text())
+    assert marker["skipped"] == {"nonfinite_embedding": 30} and marker["rows"] == 0
+
+
+def test_parquet_npz_length_mismatch_fails_that_stem_only(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "scores"
+    make_store(store, [50, 50, 50], d=8)
+    img, txt = pairs(np.random.default_rng(3), 45, 8)
+    np.savez(store / "00001.npz", img=img, txt=txt)
+    result = run_cli(store, "--out", out, "--batch-size", "32", "--k", "1", "--window", "100")
+    assert result.exit_code == 1
+    assert "00001: parquet has 50 rows but npz array 'img' has 45" in result.output
+    assert "w00000:00000..00001/00001" in result.output
+    assert read_sidecar(out, "00000").num_rows == 50
+    assert read_sidecar(out, "00002").num_rows == 50
+    assert not (out / "00001.scores.parquet").exists()
+    rerun = run_cli(store, "--out", out, "--batch-size", "32", "--k", "1", "--window", "100")
+    assert rerun.exit_code == 1 and "1 done, 1 already done" in rerun.output
+
+
+def test_a_stem_of_another_dim_or_int_uids_fails_alone(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "scores"
+    make_store(store, [20, 20, 20, 20], d=8)
+    img, txt = pairs(np.random.default_rng(6), 20, 12)
+    np.savez(store / "00001.npz", img=img, txt=txt)
+    pq.write_table(pa.table({"uid": pa.array(range(20), pa.int64())}), store / "00002.parquet")
+    result = run_cli(store, "--out", out, "--batch-size", "8", "--k", "1", "--json", out / "s")
+    assert result.exit_code == 1
+    failed = json.loads((out / "s").read_text())["failed"]
+    assert failed == {
+        "w00000:00000..00003/00001": "00001: embedding dim 12 differs from its window's 8",
+        "w00000:00000..00003/00002": "00002: uid column has type int64, expected strings",
+    }
+    assert {p.name for p in out.glob("*.done.json")} == {"00000.done.json", "00003.done.json"}
+    assert read_sidecar(out, "00003").num_rows == 20
+
+
+def test_missing_target_file_refuses_before_work(tmp_path):
+    store, out = tmp_path / "store", tmp_path / "scores"
+    make_store(store, [20])
+    result = run_cli(store, "--out", out, "--target", tmp_path / "nope.npy")
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: target file not found: {tmp_path / 'nope.npy'}"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--metric", "normsim"], "--metric normsim needs --target PATH"),
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--k", "0"], "--k must be >= 1"),
+        (["--p", "-1", "--target", "STORE"], "--p must be a number > 0 or inf"),
+    ],
+)
+def test_bad_options_give_one_line_and_exit_2(tmp_path, args, message):
+    store = tmp_path / "store"
+    make_store(store, [20])
+    args = [str(store) if a == "STORE" else a for a in args]
+    result = run_cli(store, "--out", tmp_path / "o", *args)
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("Error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_targets_load_from_pt_npy_and_store_normalised(tmp_path):
+    rng = np.random.default_rng(4)
+    raw = rng.standard_normal((30, 8)).astype(np.float32)
+    expected = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    torch.save({"image_features": torch.from_numpy(raw).half()}, tmp_path / "in1k_0.pt")
+    torch.save(torch.from_numpy(raw), tmp_path / "plain.pt")
+    np.save(tmp_path / "t.npy", raw)
+    store = tmp_path / "store"
+    write_stem(store, "a", meta_table("a", 30), {"img": raw.astype(np.float16)}, {})
+    np.testing.assert_allclose(load_target(tmp_path / "in1k_0.pt"), expected, atol=2e-3)
+    np.testing.assert_allclose(load_target(tmp_path / "plain.pt"), expected, atol=1e-6)
+    np.testing.assert_allclose(load_target(tmp_path / "t.npy"), expected, atol=1e-6)
+    np.testing.assert_allclose(load_target(store), expected, atol=2e-3)
+    both = load_target([tmp_path / "t.npy", tmp_path / "plain.pt"])
+    assert both.shape == (60, 8)
+
+
+class NotATensor:
+    pass
+
+
+def test_targets_refuse_pickles_and_bad_files(tmp_path):
+    torch.save({"image_features": NotATensor()}, tmp_path / "evil.pt")
+    with pytest.raises(UsageError, match="weights_only"):
+        load_target(tmp_path / "evil.pt")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UsageError, match="cannot read target"):
+        load_target(tmp_path / "obj.npy")
+    np.save(tmp_path / "nan.npy", np.full((3, 4), np.nan, dtype=np.float32))
+    with pytest.raises(UsageError, match="NaN or Inf"):
+        load_target(tmp_path / "nan.npy")
+    with pytest.raises(UsageError, match="not found"):
+        load_target(tmp_path / "missing.pt")
+
+
+def test_window_items_name_their_stems(tmp_path):
+    store = tmp_path / "store"
+    make_store(store, [30, 30, 30])
+    cfg = make_config(str(store), str(tmp_path / "o"), window=50, batch_size=16)
+    items = window_items(cfg)
+    assert [it["name"] for it in items] == ["w00000:00000..00001", "w00001:00002"]
