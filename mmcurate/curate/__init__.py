@@ -1,31 +1,30 @@
-"""Scores (CLIPScore, negCLIPLoss, NormSim, NormSim-D), selection and resharding."""
+"""Scores (CLIPScore, negCLIPLoss, NormSim, NormSim-D), selection and resharding.
 
-from mmcurate.curate.scores import (
-    MaxAbsIndex,
-    clipscore,
-    gram,
-    negclip_batchings,
-    negclip_scores,
-    normsim_2,
-    normsim_d_keep,
-    normsim_inf_exact,
-    normsim_p,
-)
-from mmcurate.curate.select import load_subset, select, write_subset
-from mmcurate.curate.targets import load_target
+Names are imported on first use, so `select` never loads the embedding-store code.
+"""
 
-__all__ = [
-    "MaxAbsIndex",
-    "clipscore",
-    "gram",
-    "load_subset",
-    "load_target",
-    "negclip_batchings",
-    "negclip_scores",
-    "normsim_2",
-    "normsim_d_keep",
-    "normsim_inf_exact",
-    "normsim_p",
-    "select",
-    "write_subset",
-]
+from importlib import import_module
+
+_HOMES = {
+    "MaxAbsIndex": "scores",
+    "clipscore": "scores",
+    "gram": "scores",
+    "negclip_batchings": "scores",
+    "negclip_scores": "scores",
+    "normsim_2": "scores",
+    "normsim_d_keep": "scores",
+    "normsim_inf_exact": "scores",
+    "normsim_p": "scores",
+    "load_subset": "select",
+    "write_subset": "select",
+    "load_target": "targets",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    """Import `name` from its module the first time it is asked for."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mmcurate.curate' has no attribute {name!r}")
+    return getattr(import_module(f"mmcurate.curate.{_HOMES[name]}"), name)
