@@ -17,9 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -c "from mmcurate.demo import generate_corpus; generate_corpus('$(DEMO_OUT)/corpus', 4, 250)"
-	$(VENV)/bin/mmcurate embed '$(DEMO_OUT)/corpus/{00000..00003}.tar' --out $(DEMO_OUT)/store \
-		--model open_clip:mmc-tiny --json $(DEMO_OUT)/embed.json
+	$(VENV)/bin/mmcurate demo --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

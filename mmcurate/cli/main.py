@@ -11,6 +11,7 @@ import click
 
 from mmcurate.cli.distill_cmds import buffer, distill_cmd, evaluate_cmd
 from mmcurate.cli.embed_cmd import embed
+from mmcurate.cli.pipeline_cmds import demo, pipeline
 from mmcurate.cli.score_cmd import score
 from mmcurate.cli.select_cmd import reshard_cmd, select_cmd
 from mmcurate.errors import MmcurateError, UsageError
@@ -53,7 +54,17 @@ def cli() -> None:
     logging.basicConfig(level=logging.ERROR)
 
 
-for command in (embed, score, select_cmd, reshard_cmd, buffer, distill_cmd, evaluate_cmd):
+for command in (
+    embed,
+    score,
+    select_cmd,
+    reshard_cmd,
+    buffer,
+    distill_cmd,
+    evaluate_cmd,
+    pipeline,
+    demo,
+):
     cli.add_command(command)
 
 

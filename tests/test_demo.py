@@ -1,0 +1,195 @@
+"""The demo: faulty corpus ground truth, the tiny teacher, and a reduced end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mmcurate.data.shards import expand_sources, iter_samples
+from mmcurate.demo.faults import (
+    DUPLICATE_GROUP,
+    GENERIC_CAPTIONS,
+    RARE_COLOUR,
+    TARGET_COLOURS,
+    DemoSizes,
+    make_teacher_split,
+    write_demo_corpus,
+)
+from mmcurate.demo.teacher import (
+    TeacherConfig,
+    build_model,
+    encode_text_prefix,
+    pixels_to_input,
+    save_teacher,
+    train_teacher,
+)
+
+
+def mmcurate(*args: str) -> subprocess.CompletedProcess:
+    """Run the mmcurate CLI in a fresh process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "mmcurate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+
+
+def test_corpus_ground_truth_matches_the_shards(tmp_path):
+    sizes = DemoSizes(train=100, pool=300, target=30, test=40, pool_shards=3)
+    paths = write_demo_corpus(tmp_path, sizes, seed=7)
+    truth = json.loads(Path(paths["ground_truth"]).read_text())["samples"]
+    by_uid = {r["uid"]: r for r in truth}
+    assert len(by_uid) == sizes.pool
+    counts = Counter(r["fault"] for r in truth)
+    assert dict(counts) == sizes.fault_counts()
+
+    samples = [s for url in expand_sources([paths["pool"]]) for s in iter_samples(url)]
+    assert len(samples) == sizes.pool
+    groups: dict[int, list[dict]] = {}
+    for s in samples:
+        row = by_uid[s["uid"]]
+        concept = s["json"]["concept"]
+        assert s["json"]["ground_truth"]["fault"] == row["fault"]
+        assert s["caption"] == row["caption"]
+        assert row["target_relevant"] == (concept["colour"] in TARGET_COLOURS)
+        if row["fault"] == "generic":
+            assert s["caption"] in GENERIC_CAPTIONS
+        elif row["fault"] == "misaligned":
+            words = s["caption"].replace(",", " ").split()
+            assert not (concept["shape"] in words and concept["colour"] in words)
+        else:
+            for key in ("shape", "colour", "size", "position"):
+                assert concept[key] in s["caption"], (row["fault"], s["caption"])
+        assert (concept["colour"] == RARE_COLOUR) == (row["fault"] == "rare")
+        if row["fault"] == "duplicate":
+            groups.setdefault(row["dup_group"], []).append(s)
+    assert groups and all(len(g) == DUPLICATE_GROUP for g in groups.values())
+    for members in groups.values():
+        assert len({m["caption"] for m in members}) == 1
+        assert len({json.dumps(m["json"]["concept"]) for m in members}) == 1
+        assert len({m["image"] for m in members}) == DUPLICATE_GROUP  # re-rendered, not copies
+
+    targets = list(iter_samples(paths["target"]))
+    assert len(targets) == sizes.target and all(
+        t["json"]["concept"]["colour"] in TARGET_COLOURS and t["caption"] is None for t in targets
+    )
+    test_uids = {s["uid"] for s in iter_samples(paths["test"])}
+    assert len(test_uids) == sizes.test and not test_uids & set(by_uid)
+
+    split = make_teacher_split(DemoSizes(train=2000), seed=7)
+    generic = np.mean([c in GENERIC_CAPTIONS for c in split["captions"]])
+    assert 0.12 < generic < 0.18
+
+
+def test_teacher_trains_and_loads_as_an_encoder_spec(tmp_path):
+    torch.set_num_threads(1)
+    split = make_teacher_split(DemoSizes(train=256), seed=1)
+    model, stats = train_teacher(
+        split["images"], split["captions"], TeacherConfig(steps=25, batch_size=64, warmup=5)
+    )
+    assert stats["final_loss"] < stats["first_loss"]
+    assert stats["tau"] == pytest.approx(1 / stats["logit_scale"])
+    short = TeacherConfig(steps=3, batch_size=32, warmup=1)
+    first, _ = train_teacher(split["images"][:64], split["captions"][:64], short)
+    second, _ = train_teacher(split["images"][:64], split["captions"][:64], short)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    _, tokenizer = build_model()
+    tokens = tokenizer(split["captions"][:16])
+    with torch.no_grad():
+        assert torch.allclose(
+            encode_text_prefix(model, tokens), model.encode_text(tokens), atol=1e-5
+        )
+
+    from mmcurate.embed import load_encoder
+
+    spec = save_teacher(model, tmp_path / "teacher.pt")
+    assert spec == f"open_clip:mmc-tiny@{tmp_path / 'teacher.pt'}"
+    encoder = load_encoder(spec, "cpu")
+    assert encoder.logit_scale == pytest.approx(stats["logit_scale"], rel=1e-6)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
+        pixels = pixels_to_input(split["images"][:8], model)
+        expected_img = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+    assert torch.allclose(encoder.encode_texts(split["captions"][:16]), expected, atol=1e-5)
+    assert torch.allclose(encoder.encode_images(pixels), expected_img, atol=1e-5)
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+
+def _brute_auroc(quality: np.ndarray, noise: np.ndarray) -> float:
+    pos, neg = -quality[noise], -quality[~noise]
+    return float(((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean())
+
+
+@pytest.mark.slow
+def test_reduced_demo_writes_report_and_summary(tmp_path):
+    out = tmp_path / "demo"
+    result = mmcurate("demo", "--out", out, "--size", "0.2", "--seed", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for needle in ("noise-detection AUROC", "clipscore", "negclip", "distilled", "random", "full"):
+        assert needle in result.stdout, needle
+
+    summary = json.loads((out / "summary.json").read_text())
+    for metric in ("clipscore", "negclip", "selection"):
+        assert 0.0 <= summary["auroc"][metric] <= 1.0
+    for name in ("distilled", "random", "full"):
+        entry = summary["retrieval"][name]
+        for key in ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10"):
+            assert 0.0 <= entry[key]["mean"] <= 100.0 and entry[key]["std"] >= 0.0
+    assert summary["retrieval"]["full"]["pairs"] > summary["retrieval"]["distilled"]["pairs"]
+
+    # the headline AUROC, recomputed from the written sidecars and the ground-truth file
+    truth = json.loads((out / "data" / "corpus" / "ground_truth.json").read_text())
+    fault = {r["uid"]: r["fault"] for r in truth["samples"]}
+    table = pa.concat_tables(
+        [pq.read_table(p) for p in sorted((out / "run" / "score").glob("*.scores.parquet"))]
+    )
+    faults = np.array([fault[u] for u in table.column("uid").to_pylist()])
+    rows = faults != "duplicate"
+    noise = np.isin(faults, ["misaligned", "generic"])
+    for metric in ("clipscore", "negclip"):
+        quality = table.column(metric).to_numpy().astype(np.float64)
+        assert summary["auroc"][metric] == pytest.approx(
+            _brute_auroc(quality[rows], noise[rows]), abs=1e-12
+        )
+    teacher_row = [r for r in summary["tau_sweep"] if r["label"].startswith("teacher")]
+    assert teacher_row and teacher_row[0]["auroc"] == pytest.approx(summary["auroc"]["negclip"])
+    assert teacher_row[0]["tau"] == pytest.approx(summary["tau"])
+    assert [r["tau"] for r in summary["tau_sweep"]][::2] == [0.01, 0.1]
+
+    parser = _Images()
+    parser.feed((out / "report.html").read_text())
+    parser.close()
+    assert {"scores.png", "roc.png", "tau_sweep.png", "distilled.png"} <= set(parser.images)
+    for src in parser.images:
+        assert (out / src).read_bytes()[:4] == b"\x89PNG", src
+
+    again = mmcurate("demo", "--out", out, "--size", "0.2", "--seed", "3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads((out / "summary.json").read_text())
+    assert set(second["stages"].values()) == {"skipped"}
+    assert second["auroc"] == summary["auroc"] and second["retrieval"] == summary["retrieval"]

@@ -1,0 +1,311 @@
+"""`mmcurate pipeline`: stage markers, skip/re-run rules, resume after SIGKILL, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmcurate.demo.faults import DemoSizes, corpus_paths, write_demo_corpus
+from mmcurate.demo.run import write_toml
+from mmcurate.distill.data import load_pairs
+from mmcurate.distill.distiller import load_artifact
+from mmcurate.distill.evaluate import EvalConfig, artifact_set, evaluate_small_set
+from mmcurate.engine.pipeline import STAGES, load_plan, plan_from_dict
+from mmcurate.errors import UsageError
+
+TEXT = "hf-text:mmc-tiny-bert"
+SIZES = DemoSizes(train=200, pool=160, target=40, test=50, pool_shards=4)
+
+
+def mmcurate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the mmcurate CLI in a fresh process, as a user would."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "mmcurate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """A small faulty corpus (4 pool shards of 40 pairs, a target and a test split)."""
+    root = tmp_path_factory.mktemp("pipeline-corpus")
+    write_demo_corpus(root, SIZES, seed=3)
+    return corpus_paths(root, SIZES)
+
+
+def make_config(path: Path, corpus: dict, *, keep=("negclip:0.6",), experts: int = 3) -> Path:
+    """A full select-then-distill config with the tiny networks and small budgets.
+
+    The learned student rates are held fixed (lr_lr = 0): these tests check the pipeline's
+    bookkeeping, not the quality of four distillation iterations on random networks.
+    """
+    config = {
+        "out": "run",
+        "seed": 5,
+        "device": "cpu",
+        "embed": {
+            "src": [corpus["pool"]],
+            "model": "open_clip:mmc-tiny",
+            "target_src": [corpus["target"]],
+        },
+        "score": {
+            "metrics": ["clipscore", "negclip", "normsim"],
+            "p": ["inf"],
+            "batch_size": 32,
+            "k": 3,
+        },
+        "select": {"keep": list(keep)},
+        "reshard": {"shard_size": 40},
+        "buffer": {
+            "experts": experts,
+            "epochs": 5,
+            "batch_size": 16,
+            "image_size": 32,
+            "image_encoder": "convnet-tiny",
+            "text_encoder": TEXT,
+        },
+        "distill": {
+            "preset": "tiny",
+            "pairs": 6,
+            "mini_batch": 3,
+            "lr_lr": 0.0,
+            "iterations": 4,
+            "save_every": 2,
+        },
+        "evaluate": {"test": corpus["test"], "num_eval": 2, "epochs": 3, "baselines": ["random"]},
+    }
+    write_toml(path, config)
+    return path
+
+
+def markers(run: Path) -> dict[str, dict]:
+    """Every stage marker of a run directory."""
+    out = {}
+    for stage in STAGES:
+        path = run / f"{stage}.stage.json"
+        if path.is_file():
+            out[stage] = {**json.loads(path.read_text()), "mtime": path.stat().st_mtime_ns}
+    return out
+
+
+def final_outputs(run: Path) -> dict:
+    """The outputs that must not depend on interruptions: subset, experts, artifact, recall."""
+    art = torch.load(run / "distill" / "distilled.pt", weights_only=True)
+    experts = {
+        p.name: torch.load(p, weights_only=True)
+        for p in sorted((run / "buffer").glob("expert_*.pt"))
+    }
+    return {
+        "subset": (run / "select" / "subset.npy").read_bytes(),
+        "experts": {k: (v["image"], v["text"]) for k, v in experts.items()},
+        "artifact": (
+            art["images"],
+            art["texts"],
+            art["similarity"]["L"],
+            art["lr_img"],
+            art["provenance"]["uids"],
+        ),
+        "recall": {
+            name: json.loads((run / "evaluate" / f"{name}.json").read_text())["IR@1"]
+            for name in ("distilled", "random")
+        },
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["subset"] == b["subset"]
+    assert a["experts"].keys() == b["experts"].keys()
+    for name in a["experts"]:
+        for x, y in zip(a["experts"][name], b["experts"][name]):
+            assert torch.equal(x, y), name
+    for x, y in zip(a["artifact"], b["artifact"]):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert a["recall"] == b["recall"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, corpus):
+    clean_cfg = make_config(tmp_path / "clean" / "pipeline.toml", corpus, experts=6)
+    done = mmcurate("pipeline", clean_cfg)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = final_outputs(tmp_path / "clean" / "run")
+
+    cfg = make_config(tmp_path / "killed" / "pipeline.toml", corpus, experts=6)
+    run = tmp_path / "killed" / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmcurate", "pipeline", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.monotonic() + 300
+    killed_mid_buffer = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "buffer" / "expert_000.pt").is_file():
+            killed_mid_buffer = not (run / "buffer.stage.json").exists()
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert killed_mid_buffer, "the run was not caught inside the buffer stage"
+    assert (run / "buffer.running.json").is_file()
+    before = markers(run)
+    assert set(before) == {"embed", "score", "select", "reshard"}
+
+    again = mmcurate("pipeline", cfg, "--json", tmp_path / "again.json")
+    assert again.returncode == 0, again.stderr[-2000:]
+    report = json.loads((tmp_path / "again.json").read_text())["stages"]
+    status = {k: v["status"] for k, v in report.items()}
+    assert status == {
+        "embed": "skipped",
+        "score": "skipped",
+        "select": "skipped",
+        "reshard": "skipped",
+        "buffer": "resumed",
+        "distill": "ran",
+        "evaluate": "ran",
+    }
+    assert len(report["buffer"]["summary"]["already_done"]) >= 1
+    after = markers(run)
+    for stage in ("embed", "score", "select", "reshard"):
+        assert after[stage]["mtime"] == before[stage]["mtime"]
+    assert not list(run.glob("*.running.json"))
+    assert_same(final_outputs(run), reference)
+
+
+@pytest.mark.slow
+def test_changing_select_reruns_select_and_downstream_only(tmp_path, corpus):
+    cfg = make_config(tmp_path / "pipeline.toml", corpus, keep=("negclip:0.6",))
+    first = mmcurate("pipeline", cfg)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = tmp_path / "run"
+    before = markers(run)
+    assert set(before) == set(STAGES)
+    subset_before = np.load(run / "select" / "subset.npy")
+
+    unchanged = mmcurate("pipeline", cfg)
+    assert unchanged.returncode == 0, unchanged.stderr[-2000:]
+    assert {k: v["mtime"] for k, v in markers(run).items()} == {
+        k: v["mtime"] for k, v in before.items()
+    }
+
+    make_config(tmp_path / "pipeline.toml", corpus, keep=("negclip:0.5",))
+    second = mmcurate("pipeline", cfg)
+    assert second.returncode == 0, second.stderr[-2000:]
+    after = markers(run)
+    for stage in ("embed", "score"):
+        assert after[stage]["mtime"] == before[stage]["mtime"], stage
+        assert after[stage]["hash"] == before[stage]["hash"]
+    for stage in ("select", "reshard", "buffer", "distill", "evaluate"):
+        assert after[stage]["mtime"] > before[stage]["mtime"], stage
+        assert after[stage]["hash"] != before[stage]["hash"], stage
+    # students spread over work items give exactly what `evaluate_small_set` gives
+    art = load_artifact(run / "distill" / "distilled.pt")
+    test = load_pairs(
+        corpus["test"], image_size=32, text_encoder=TEXT, cache_dir=run / "cache", device="cpu"
+    )
+    direct = evaluate_small_set(
+        artifact_set(art), test, EvalConfig(num_eval=2, epochs=3, seed=5), progress=False
+    )
+    stored = json.loads((run / "evaluate" / "distilled.json").read_text())
+    assert stored["runs"] == direct["runs"]
+    assert stored["mean_recall"] == direct["mean_recall"]
+
+    subset_after = np.load(run / "select" / "subset.npy")
+    assert len(subset_after) == int(0.5 * SIZES.pool) < len(subset_before)
+    record = json.loads((run / "select" / "subset.json").read_text())
+    assert record["stages"][0]["rule"] == "negclip:0.5"
+
+
+def test_from_and_until(tmp_path, corpus):
+    cfg = make_config(tmp_path / "pipeline.toml", corpus)
+    first = mmcurate("pipeline", cfg, "--until", "select")
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = tmp_path / "run"
+    assert set(markers(run)) == {"embed", "score", "select"}
+    before = markers(run)
+    subset = (run / "select" / "subset.npy").read_bytes()
+
+    again = mmcurate("pipeline", cfg, "--from", "score", "--until", "select")
+    assert again.returncode == 0, again.stderr[-2000:]
+    after = markers(run)
+    assert after["embed"]["mtime"] == before["embed"]["mtime"]
+    assert after["score"]["mtime"] > before["score"]["mtime"]
+    assert after["select"]["mtime"] > before["select"]["mtime"]
+    assert (run / "select" / "subset.npy").read_bytes() == subset
+
+    refused = mmcurate("pipeline", cfg, "--from", "buffer")
+    assert refused.returncode == 2
+    assert "has not finished" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_bad_configs_are_refused_before_any_work(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cases = {
+        'out = "x"\n[select]\nkeep = ["negclip:0.5"]\n': "[select] needs scores",
+        'out = "x"\n[score]\nstore = "nowhere"\n[select]\nkeep = ["negclip:1.5"]\n': "1.5",
+        'out = "x"\n[embed]\nsrc = ["a.tar"]\nmodel = "open_clip:mmc-tiny"\nbatch = 3\n': "batch",
+        'out = "x"\n[distil]\n': "distil",
+        'out = "x"\n[score]\nstore = "s"\n[distill]\npreset = "nope"\n': "nope",
+        '[score]\nstore = "s"\n': "out =",
+        "out = [\n": "not valid TOML",
+    }
+    for text, needle in cases.items():
+        cfg.write_text(text)
+        with pytest.raises(UsageError, match=None) as info:
+            load_plan(cfg)
+        assert needle in str(info.value), (text, str(info.value))
+        assert not (tmp_path / "x").exists()
+    cfg.write_text('out = "x"\n[embed]\nsrc = ["a.tar"]\nmodel = "open_clip:mmc-tiny"\nbatch = 3\n')
+    result = mmcurate("pipeline", cfg)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: " + str(pytest.raises(UsageError, load_plan, cfg).value)
+    ]
+    missing = mmcurate("pipeline", tmp_path / "absent.toml")
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_plan_resolves_paths_against_the_config_directory(tmp_path, corpus):
+    cfg = make_config(tmp_path / "sub" / "pipeline.toml", corpus)
+    plan = load_plan(cfg)
+    assert plan.out == (tmp_path / "sub" / "run").resolve()
+    assert plan.stages["embed"]["src"] == [corpus["pool"]]
+    with pytest.raises(UsageError):
+        load_plan(tmp_path / "none.toml")
+    raw = {
+        "out": "run",
+        "embed": {"src": ["shards/{0..1}.tar"], "model": "open_clip:mmc-tiny@ckpt/t.pt"},
+        "buffer": {"data": "/abs/*.tar", "image_encoder": "nfnet_l0@random"},
+    }
+    plan = plan_from_dict(raw, tmp_path / "cfg" / "p.toml")
+    base = (tmp_path / "cfg").resolve()
+    assert plan.stages["embed"]["src"] == [str(base / "shards/{0..1}.tar")]
+    assert plan.stages["embed"]["model"] == f"open_clip:mmc-tiny@{base / 'ckpt/t.pt'}"
+    assert plan.stages["buffer"]["image_encoder"] == "nfnet_l0@random"
+    assert plan.stages["buffer"]["data"] == "/abs/*.tar"
+
+
+def test_example_configs_parse():
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    datacomp = load_plan(examples / "datacomp.toml")
+    assert list(datacomp.stages) == ["score", "select"]
+    assert datacomp.stages["score"]["img_key"] == "l14_img"
+    assert datacomp.stages["select"]["keep"] == ["negclip:0.3", "normsim_inf:0.2"]
+    corpus = load_plan(examples / "webdataset.toml")
+    assert list(corpus.stages) == list(STAGES)
+    assert corpus.stages["distill"]["preset"] == "flickr-100"
