@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmcurate.metrics.auroc import auroc, curve_area, detection_auroc, roc_curve
-from mmcurate.metrics.overlap import jaccard_matrix, overlap, top_fraction
+from mmcurate.metrics.overlap import overlap
 from mmcurate.metrics.report import analyse, render_report, terminal_table
 
 
@@ -73,10 +73,13 @@ def test_overlap_and_jaccard_on_uid_pairs():
     assert (o["intersection"], o["union"]) == (2, 5)
     assert o["jaccard"] == pytest.approx(0.4)
     assert o["a_in_b"] == pytest.approx(2 / 3)
-    names, m = jaccard_matrix({"a": ["x", "y"], "b": ["y", "z"], "c": ["q"]})
-    assert names == ["a", "b", "c"]
-    assert m[0, 1] == pytest.approx(1 / 3) and m[0, 2] == 0 and m[2, 2] == 1
-    assert top_fraction(np.array([0.5, 0.9, 0.9, 0.1]), 0.5).tolist() == [1, 2]
+    assert overlap(["x", "y", "y"], np.array(["y", "z"]))["jaccard"] == pytest.approx(1 / 3)
+    assert np.isnan(overlap([], [])["jaccard"])
+    rng = np.random.default_rng(0)
+    big_a = np.array([tuple(p) for p in rng.integers(0, 50, (300, 2))], dtype=dt)
+    big_b = np.array([tuple(p) for p in rng.integers(0, 50, (300, 2))], dtype=dt)
+    as_tuples = overlap([tuple(p) for p in big_a.tolist()], [tuple(p) for p in big_b.tolist()])
+    assert overlap(big_a, big_b) == as_tuples
 
 
 class _Collector(HTMLParser):

@@ -18,6 +18,7 @@ import numpy as np
 
 from mmcurate.data.atomic import write_bytes_atomic
 from mmcurate.metrics.auroc import detection_auroc, roc_curve
+from mmcurate.metrics.retrieval import RECALL_KEYS
 
 FAULT_ORDER = ("clean", "misaligned", "generic", "duplicate", "rare")
 NOISE = ("misaligned", "generic")
@@ -29,9 +30,6 @@ FAULT_COLOURS = {
     "duplicate": "#8172b3",
     "rare": "#55a868",
 }
-RECALL_KEYS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10")
-KEYS = RECALL_KEYS
-PNGS = ("scores.png", "roc.png", "tau_sweep.png", "target.png", "distilled.png", "retrieval.png")
 
 
 # ----------------------------------------------------------------------------- analysis (pure)
@@ -413,7 +411,9 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts.append("<h2>Retrieval on the test split</h2><img src='retrieval.png' alt='recall'>")
         rows = []
         for name, entry in retrieval.items():
-            cells = [f"{entry[k]['mean']:.1f} ± {entry[k].get('std', 0.0):.1f}" for k in KEYS]
+            cells = [
+                f"{entry[k]['mean']:.1f} ± {entry[k].get('std', 0.0):.1f}" for k in RECALL_KEYS
+            ]
             rows.append([name, entry.get("pairs", ""), *cells, f"{recall_mean(entry):.1f}"])
         parts.append(_table(["trained on", "pairs", *RECALL_KEYS, "mean"], rows))
     details = report.get("details")
