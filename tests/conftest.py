@@ -12,6 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+TINY_CLIP = "open_clip:mmc-tiny"
+
 
 @pytest.fixture(scope="session")
 def corpus3(tmp_path_factory) -> list[Path]:
@@ -21,14 +23,31 @@ def corpus3(tmp_path_factory) -> list[Path]:
     return generate_corpus(tmp_path_factory.mktemp("corpus3"), n_shards=3, per_shard=40, seed=1)
 
 
-def run_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m mmcurate ARGS` as a user would, capturing output."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+def run_cli(*args: str, cwd: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m mmcurate ARGS` in a fresh process as a user would, capturing output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     return subprocess.run(
         [sys.executable, "-m", "mmcurate", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
         env=env,
-        timeout=600,
+        timeout=timeout,
     )
+
+
+def embed_args(src, out, *extra) -> list[str]:
+    """`mmcurate embed` arguments for the tiny CLIP, decoding in the task process."""
+    return [
+        "embed",
+        *map(str, src),
+        "--out",
+        str(out),
+        "--model",
+        TINY_CLIP,
+        "--batch-size",
+        "16",
+        "--decode-workers",
+        "0",
+        *extra,
+    ]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import run_cli
 
 from mmcurate.data.shards import expand_sources, iter_samples
 from mmcurate.demo.faults import (
@@ -34,18 +32,6 @@ from mmcurate.demo.teacher import (
     save_teacher,
     train_teacher,
 )
-
-
-def mmcurate(*args: str) -> subprocess.CompletedProcess:
-    """Run the mmcurate CLI in a fresh process."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "mmcurate", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
 
 
 def test_corpus_ground_truth_matches_the_shards(tmp_path):
@@ -148,7 +134,7 @@ def _brute_auroc(quality: np.ndarray, noise: np.ndarray) -> float:
 @pytest.mark.slow
 def test_reduced_demo_writes_report_and_summary(tmp_path):
     out = tmp_path / "demo"
-    result = mmcurate("demo", "--out", out, "--size", "0.2", "--seed", "3")
+    result = run_cli("demo", "--out", out, "--size", "0.2", "--seed", "3", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     for needle in ("noise-detection AUROC", "clipscore", "negclip", "distilled", "random", "full"):
         assert needle in result.stdout, needle
@@ -188,7 +174,7 @@ def test_reduced_demo_writes_report_and_summary(tmp_path):
     for src in parser.images:
         assert (out / src).read_bytes()[:4] == b"\x89PNG", src
 
-    again = mmcurate("demo", "--out", out, "--size", "0.2", "--seed", "3")
+    again = run_cli("demo", "--out", out, "--size", "0.2", "--seed", "3", timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads((out / "summary.json").read_text())
     assert set(second["stages"].values()) == {"skipped"}

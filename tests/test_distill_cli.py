@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from mmcurate.cli.distill_cmds import buffer, distill_cmd, evaluate_cmd
+from mmcurate.cli.main import cli
 from mmcurate.demo.corpus import generate_corpus
 
 TEXT = "hf-text:mmc-tiny-bert"
@@ -25,20 +25,21 @@ def root(tmp_path_factory):
     generate_corpus(root / "train", n_shards=2, per_shard=30, seed=0, image_size=16)
     generate_corpus(root / "test", n_shards=1, per_shard=20, seed=5, image_size=16)
     result = CliRunner().invoke(
-        buffer,
-        [str(root / "train"), "--out", str(root / "buf"), "--experts", "2", "--epochs", "3"]
+        cli,
+        ["buffer", str(root / "train"), "--out", str(root / "buf"), "--experts", "2"]
+        + ["--epochs", "3"]
         + ["--batch-size", "16", "--image-encoder", "convnet-w8-d2", "--text-encoder", TEXT]
         + ["--image-size", "16", "--device", "cpu", "--json", str(root / "buf.json")],
     )
     assert result.exit_code == 0, result.output
-    assert "buffer: 2 experts trained" in result.output
+    assert "buffer (experts): 2 done, 0 already done (skipped), 0 failed" in result.output
     assert json.loads((root / "buf.json").read_text())["done"] == ["expert_000", "expert_001"]
     return root
 
 
 def _distill(root, out, *extra):
     args = [str(root / "train"), "--buffers", str(root / "buf"), "--out", str(out), *FAST]
-    return CliRunner().invoke(distill_cmd, [*args, *extra])
+    return CliRunner().invoke(cli, ["distill", *args, *extra])
 
 
 def test_artifact_format_export_and_evaluate(root):
@@ -73,7 +74,7 @@ def test_artifact_format_export_and_evaluate(root):
     common = ["--test", str(root / "test"), "--num-eval", "2", "--epochs", "3", "--device", "cpu"]
     for extra in ([], ["--baseline", "random"], ["--baseline", "mtt"]):
         js = root / f"eval{len(extra)}{extra[-1] if extra else ''}.json"
-        result = CliRunner().invoke(evaluate_cmd, [str(out), *common, *extra, "--json", str(js)])
+        result = CliRunner().invoke(cli, ["evaluate", str(out), *common, *extra, "--json", str(js)])
         assert result.exit_code == 0, result.output
         assert "mean R@K" in result.output and "20 test images / 20 captions" in result.output
         summary = json.loads(js.read_text())
@@ -137,10 +138,12 @@ def test_bad_input_gets_one_line(root, tmp_path):
     shutil.copytree(root / "buf", bad)
     (bad / "expert_001.pt").write_bytes(b"\x00garbage")
     args = [str(root / "train"), "--buffers", str(bad), "--out", str(tmp_path / "x.pt"), *FAST]
-    _one_line_error(CliRunner().invoke(distill_cmd, args), "corrupt buffer file")
+    _one_line_error(CliRunner().invoke(cli, ["distill", *args]), "corrupt buffer file")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     _one_line_error(
-        CliRunner().invoke(evaluate_cmd, [str(tmp_path / "junk.pt"), "--test", str(root / "test")]),
+        CliRunner().invoke(
+            cli, ["evaluate", str(tmp_path / "junk.pt"), "--test", str(root / "test")]
+        ),
         "corrupt distilled file",
     )
     _one_line_error(
@@ -148,3 +151,15 @@ def test_bad_input_gets_one_line(root, tmp_path):
         "exceeds the 3 epochs of the buffers",
     )
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_negative_learned_step_size_stops_with_the_remedy(root, tmp_path):
+    out = tmp_path / "eta.pt"
+    result = _distill(root, out, "--iterations", "50", "--lr-lr", "1e4", "--save-every", "0")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    assert re.search(r"learned step size lr_(img|txt) became -?\d", errors[0]), errors[0]
+    assert "lower --lr-lr (now 10000)" in errors[0]
+    assert not out.exists()

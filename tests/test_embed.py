@@ -9,32 +9,14 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 from click.testing import CliRunner
-from conftest import run_cli
+from conftest import TINY_CLIP, embed_args, run_cli
 
 from mmcurate.cli.main import cli
 from mmcurate.demo.corpus import make_pairs, pair_files, write_tar
 
-TINY = "open_clip:mmc-tiny"
-
 
 def _embed(src, out, *extra):
-    result = CliRunner().invoke(
-        cli,
-        [
-            "embed",
-            *map(str, src),
-            "--out",
-            str(out),
-            "--model",
-            TINY,
-            "--batch-size",
-            "16",
-            "--decode-workers",
-            "0",
-            *extra,
-        ],
-    )
-    return result
+    return CliRunner().invoke(cli, embed_args(src, out, *extra))
 
 
 def _files(out):
@@ -92,7 +74,7 @@ def test_decode_workers_give_the_same_bytes(corpus3, tmp_path):
             "--out",
             str(workers),
             "--model",
-            TINY,
+            TINY_CLIP,
             "--batch-size",
             "16",
             "--decode-workers",
@@ -127,7 +109,7 @@ def test_bad_input_is_counted_and_reported_without_traceback(tmp_path):
     src = tmp_path / "src"
     shards = _bad_corpus(src)
     out = tmp_path / "store"
-    proc = run_cli("embed", *shards, "--out", out, "--model", TINY, "--decode-workers", "0")
+    proc = run_cli("embed", *shards, "--out", out, "--model", TINY_CLIP, "--decode-workers", "0")
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "corrupt: truncated tar" in proc.stdout or "corrupt: corrupt tar" in proc.stdout

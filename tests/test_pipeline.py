@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from mmcurate.demo.faults import DemoSizes, corpus_paths, write_demo_corpus
 from mmcurate.demo.run import write_toml
@@ -24,18 +25,6 @@ from mmcurate.errors import UsageError
 
 TEXT = "hf-text:mmc-tiny-bert"
 SIZES = DemoSizes(train=200, pool=160, target=40, test=50, pool_shards=4)
-
-
-def mmcurate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the mmcurate CLI in a fresh process, as a user would."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "mmcurate", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +128,7 @@ def assert_same(a: dict, b: dict) -> None:
 @pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, corpus):
     clean_cfg = make_config(tmp_path / "clean" / "pipeline.toml", corpus, experts=6)
-    done = mmcurate("pipeline", clean_cfg)
+    done = run_cli("pipeline", clean_cfg)
     assert done.returncode == 0, done.stderr[-2000:]
     reference = final_outputs(tmp_path / "clean" / "run")
 
@@ -166,7 +155,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, corpus):
     before = markers(run)
     assert set(before) == {"embed", "score", "select", "reshard"}
 
-    again = mmcurate("pipeline", cfg, "--json", tmp_path / "again.json")
+    again = run_cli("pipeline", cfg, "--json", tmp_path / "again.json")
     assert again.returncode == 0, again.stderr[-2000:]
     report = json.loads((tmp_path / "again.json").read_text())["stages"]
     status = {k: v["status"] for k, v in report.items()}
@@ -190,21 +179,21 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, corpus):
 @pytest.mark.slow
 def test_changing_select_reruns_select_and_downstream_only(tmp_path, corpus):
     cfg = make_config(tmp_path / "pipeline.toml", corpus, keep=("negclip:0.6",))
-    first = mmcurate("pipeline", cfg)
+    first = run_cli("pipeline", cfg)
     assert first.returncode == 0, first.stderr[-2000:]
     run = tmp_path / "run"
     before = markers(run)
     assert set(before) == set(STAGES)
     subset_before = np.load(run / "select" / "subset.npy")
 
-    unchanged = mmcurate("pipeline", cfg)
+    unchanged = run_cli("pipeline", cfg)
     assert unchanged.returncode == 0, unchanged.stderr[-2000:]
     assert {k: v["mtime"] for k, v in markers(run).items()} == {
         k: v["mtime"] for k, v in before.items()
     }
 
     make_config(tmp_path / "pipeline.toml", corpus, keep=("negclip:0.5",))
-    second = mmcurate("pipeline", cfg)
+    second = run_cli("pipeline", cfg)
     assert second.returncode == 0, second.stderr[-2000:]
     after = markers(run)
     for stage in ("embed", "score"):
@@ -233,14 +222,14 @@ def test_changing_select_reruns_select_and_downstream_only(tmp_path, corpus):
 
 def test_from_and_until(tmp_path, corpus):
     cfg = make_config(tmp_path / "pipeline.toml", corpus)
-    first = mmcurate("pipeline", cfg, "--until", "select")
+    first = run_cli("pipeline", cfg, "--until", "select")
     assert first.returncode == 0, first.stderr[-2000:]
     run = tmp_path / "run"
     assert set(markers(run)) == {"embed", "score", "select"}
     before = markers(run)
     subset = (run / "select" / "subset.npy").read_bytes()
 
-    again = mmcurate("pipeline", cfg, "--from", "score", "--until", "select")
+    again = run_cli("pipeline", cfg, "--from", "score", "--until", "select")
     assert again.returncode == 0, again.stderr[-2000:]
     after = markers(run)
     assert after["embed"]["mtime"] == before["embed"]["mtime"]
@@ -248,7 +237,7 @@ def test_from_and_until(tmp_path, corpus):
     assert after["select"]["mtime"] > before["select"]["mtime"]
     assert (run / "select" / "subset.npy").read_bytes() == subset
 
-    refused = mmcurate("pipeline", cfg, "--from", "buffer")
+    refused = run_cli("pipeline", cfg, "--from", "buffer")
     assert refused.returncode == 2
     assert "has not finished" in refused.stderr and "Traceback" not in refused.stderr
 
@@ -271,12 +260,12 @@ def test_bad_configs_are_refused_before_any_work(tmp_path):
         assert needle in str(info.value), (text, str(info.value))
         assert not (tmp_path / "x").exists()
     cfg.write_text('out = "x"\n[embed]\nsrc = ["a.tar"]\nmodel = "open_clip:mmc-tiny"\nbatch = 3\n')
-    result = mmcurate("pipeline", cfg)
+    result = run_cli("pipeline", cfg)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "Error: " + str(pytest.raises(UsageError, load_plan, cfg).value)
     ]
-    missing = mmcurate("pipeline", tmp_path / "absent.toml")
+    missing = run_cli("pipeline", tmp_path / "absent.toml")
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 

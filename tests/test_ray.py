@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import ray
 from click.testing import CliRunner
-from conftest import run_cli
+from conftest import TINY_CLIP, embed_args, run_cli
 
 from mmcurate.cli.embed_cmd import embed
 from mmcurate.cli.main import Group
@@ -29,7 +29,6 @@ from mmcurate.engine import Outcome, run_stage
 from mmcurate.engine.ray_executor import RayExecutor
 from mmcurate.errors import ShardError
 
-TINY = "open_clip:mmc-tiny"
 CLI = Group(name="mmcurate", commands={"embed": embed, "score": score})
 
 # Ray workers cannot import this test module, so its work functions travel by value.
@@ -50,23 +49,6 @@ def cluster() -> str:
     )
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
-
-
-def embed_args(src, out, *extra) -> list[str]:
-    """`mmcurate embed` arguments for the tiny CLIP, decoding in the task process."""
-    return [
-        "embed",
-        *map(str, src),
-        "--out",
-        str(out),
-        "--model",
-        TINY,
-        "--batch-size",
-        "16",
-        "--decode-workers",
-        "0",
-        *extra,
-    ]
 
 
 def invoke(*args: str):
@@ -92,7 +74,7 @@ def store_bytes(out: Path) -> dict[str, bytes]:
 def embed_config(out: Path) -> dict:
     """The config `mmcurate embed` builds for the tiny CLIP with --batch-size 16."""
     return {
-        "model": TINY,
+        "model": TINY_CLIP,
         "text_model": None,
         "modality": "both",
         "batch_size": 16,

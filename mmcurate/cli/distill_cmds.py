@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from mmcurate.errors import MmcurateError, UsageError
-
-
-def one_line_errors(fn: Callable) -> Callable:
-    """Bad input ends in one line on stderr: exit 2 for UsageError, 1 for other known errors."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UsageError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(2)
-        except MmcurateError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
-
-    return wrapper
+from mmcurate.cli.common import executor_options, finish, print_summary
+from mmcurate.errors import UsageError
 
 
 def _device(name: str):
@@ -69,21 +50,15 @@ def _print_recalls(title: str, summary: dict, mean: float) -> None:
 @click.option("--cache", "cache_dir", default=None, help="Data cache (default OUT/cache).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--executor", "executor_name", type=click.Choice(["local", "ray"]), default="local")
-@click.option("--workers", type=int, default=1, show_default=True, help="Local processes.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads per worker.")
-@click.option("--ray-address", default=None, help="Ray cluster: auto or HOST:PORT.")
 @click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
-@one_line_errors
+@executor_options
 def buffer(
     data, out_dir, experts, epochs, lr, batch_size, image_encoder, text_encoder, image_size,
-    image_root, cache_dir, device, seed, executor_name, workers, threads, ray_address, json_path,
+    image_root, cache_dir, device, seed, json_path, executor,
 ) -> None:  # fmt: skip
     """Train E expert students on DATA and save their per-epoch parameters (resumable)."""
-    from mmcurate.data.atomic import write_json_atomic
     from mmcurate.distill.buffers import BufferConfig, make_buffers
     from mmcurate.distill.students import canonical_image_encoder
-    from mmcurate.engine import make_executor
 
     config = BufferConfig(
         experts=experts,
@@ -95,8 +70,7 @@ def buffer(
         image_size=image_size,
         seed=seed,
     ).check()
-    gpus = 1.0 if _device(device).type == "cuda" else 0.0
-    executor = make_executor(executor_name, workers, threads, ray_address, gpus)
+    _device(device)  # a bad --device fails here, before any expert starts
     summary = make_buffers(
         _data_path(data),
         out_dir,
@@ -106,21 +80,17 @@ def buffer(
         image_root=image_root,
         device=device,
     )
-    done, already, failed = summary["done"], summary["already_done"], summary["failed"]
-    click.echo(
-        f"\nbuffer: {len(done)} experts trained, {len(already)} already done (skipped), "
-        f"{len(failed)} failed -> {out_dir}"
+    print_summary(
+        "buffer (experts)",
+        summary,
+        {
+            "data": f"{summary['pairs']} pairs, {summary['images']} images",
+            "student": f"{config.image_encoder} ({summary['n_img']} + {summary['n_txt']} "
+            "parameters)",
+            "out": out_dir,
+        },
     )
-    click.echo(
-        f"  data: {summary['pairs']} pairs, {summary['images']} images; student "
-        f"{config.image_encoder} ({summary['n_img']} + {summary['n_txt']} parameters)"
-    )
-    for name, reason in sorted(failed.items()):
-        click.echo(f"  failed {name}: {reason}")
-    if json_path:
-        write_json_atomic(json_path, summary)
-    if failed:
-        sys.exit(1)
+    finish(summary, json_path)
 
 
 @click.command("distill")
@@ -153,7 +123,6 @@ def buffer(
 @click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint period.")
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint.")
 @click.option("--export", "export_dir", default=None, help="Write a PNG grid and captions here.")
-@one_line_errors
 def distill_cmd(
     data, buffers_dir, out_path, preset, pairs, iterations, syn_steps, expert_epochs,
     max_start_epoch, mini_batch, lr_img, lr_txt, lr_lr, lr_sim, rank, alpha, loss, matching,
@@ -246,7 +215,6 @@ def distill_cmd(
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", default=None, help="Write IR@K/TR@K mean and std as JSON.")
-@one_line_errors
 def evaluate_cmd(
     artifact, test_data, num_eval, epochs, eval_momentum, baseline, train_data, pairs,
     image_root, cache_dir, device, seed, json_path,

@@ -39,6 +39,12 @@ def _blocks(n: int, block: int):
         yield start, min(start + block, n)
 
 
+def _row_blocks(rows: Rows, block: int, dev: torch.device):
+    """(start, stop, float32 tensor on dev) per block of rows; a memmap is read block by block."""
+    for r0, r1 in _blocks(len(rows), block):
+        yield r0, r1, torch.from_numpy(_f32(rows, slice(r0, r1))).to(dev)
+
+
 def clipscore(img: Rows, txt: Rows, block: int = DEFAULT_BLOCK) -> np.ndarray:
     """CLIPScore s_ii = f_iᵀ g_i per pair, float32."""
     n = len(img)
@@ -197,8 +203,7 @@ def gram(
         raise ValueError("empty target set")
     dev = _device(device)
     acc = None
-    for r0, r1 in _blocks(len(targets), block):
-        t = torch.from_numpy(_f32(targets, slice(r0, r1))).to(dev)
+    for _, _, t in _row_blocks(targets, block, dev):
         part = (t.t() @ t).double()
         acc = part if acc is None else acc.add_(part)
     return acc.cpu().numpy()
@@ -214,8 +219,7 @@ def normsim_2(
     dev = _device(device)
     g = torch.from_numpy(np.asarray(gram_matrix, dtype=np.float32)).to(dev)
     out = np.empty(len(x), dtype=np.float32)
-    for r0, r1 in _blocks(len(x), block):
-        xb = torch.from_numpy(_f32(x, slice(r0, r1))).to(dev)
+    for r0, r1, xb in _row_blocks(x, block, dev):
         quad = ((xb @ g) * xb).sum(dim=1).clamp_(min=0.0)
         out[r0:r1] = quad.sqrt_().cpu().numpy()
     return out
@@ -237,13 +241,9 @@ def normsim_p(
     if not (p > 0 and math.isfinite(p)):
         raise ValueError(f"p must be finite and > 0, got {p}")
     dev = _device(device)
-    t_blocks = [
-        torch.from_numpy(_f32(targets, slice(t0, t1))).to(dev)
-        for t0, t1 in _blocks(len(targets), target_block)
-    ]
+    t_blocks = [t for _, _, t in _row_blocks(targets, target_block, dev)]
     out = np.empty(len(x), dtype=np.float32)
-    for r0, r1 in _blocks(len(x), block):
-        xb = torch.from_numpy(_f32(x, slice(r0, r1))).to(dev)
+    for r0, r1, xb in _row_blocks(x, block, dev):
         run_max = torch.zeros(r1 - r0, dtype=torch.float64, device=dev)
         run_sum = torch.zeros(r1 - r0, dtype=torch.float64, device=dev)
         for tb in t_blocks:
@@ -265,13 +265,9 @@ def normsim_inf_exact(
 ) -> np.ndarray:
     """max_t |tᵀx| by blocked torch matmul (the reference for recall and the benchmark)."""
     dev = _device(device)
-    t_blocks = [
-        torch.from_numpy(_f32(targets, slice(t0, t1))).to(dev)
-        for t0, t1 in _blocks(len(targets), target_block)
-    ]
+    t_blocks = [t for _, _, t in _row_blocks(targets, target_block, dev)]
     out = np.empty(len(x), dtype=np.float32)
-    for r0, r1 in _blocks(len(x), block):
-        xb = torch.from_numpy(_f32(x, slice(r0, r1))).to(dev)
+    for r0, r1, xb in _row_blocks(x, block, dev):
         best = torch.zeros(r1 - r0, dtype=torch.float32, device=dev)
         for tb in t_blocks:
             best = torch.maximum(best, (xb @ tb.t()).abs_().amax(dim=1))

@@ -293,6 +293,7 @@ def _loop(
             )
         _warmup(optimizer, config, it)
         optimizer.step()
+        _check_step_sizes(syn, config, it)
         losses.append(result.loss)
         bar.set_postfix(
             loss=f"{np.mean(losses[-20:]):.4f}",
@@ -303,6 +304,17 @@ def _loop(
             on_done(it + 1)
     bar.close()
     return losses, round(time.perf_counter() - began, 3)
+
+
+def _check_step_sizes(syn: SyntheticSet, config: DistillConfig, it: int) -> None:
+    """A learned η at or below 0 turns the inner SGD into ascent: stop with the remedy."""
+    for name, eta in (("lr_img", syn.eta_img), ("lr_txt", syn.eta_txt)):
+        value = float(eta.item())
+        if not value > 0:
+            raise MmcurateError(
+                f"learned step size {name} became {value:.4g} at iteration {it}; "
+                f"lower --lr-lr (now {config.lr_lr:g}) or add --warmup"
+            )
 
 
 def load_artifact(path: str | os.PathLike) -> dict[str, Any]:

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mmcurate.embed.encoders import TINY_TIMM
 from mmcurate.errors import UsageError
 
 TEMPERATURE = 0.07
 LOGIT_SCALE = math.log(1.0 / TEMPERATURE)
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
-TIMM_ALIASES = {"mmc-tiny": "test_resnet"}
 _CONVNET = re.compile(r"^convnet-w(\d+)-d(\d+)$")
 
 
@@ -73,10 +73,11 @@ def _timm_backbone(name: str) -> nn.Module:
     import timm
 
     base, _, weights = name.partition("@")
-    arch = TIMM_ALIASES.get(base, base)
+    tiny = base == "mmc-tiny"
+    arch = TINY_TIMM if tiny else base
     if not timm.is_model(arch):
         raise UsageError(f"unknown image encoder {name!r}: not convnet-tiny, convnet-wW-dD or timm")
-    if base in TIMM_ALIASES or weights == "random":
+    if tiny or weights == "random":
         return timm.create_model(arch, pretrained=False, num_classes=0)
     if weights:
         try:
