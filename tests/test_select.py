@@ -413,37 +413,13 @@ def test_normsim_d_stage_reads_the_survivors_embeddings_from_the_store(tmp_path)
 def test_normsim_d_via_cli_and_missing_store_stem(tmp_path):
     store, scores_dir, uids, _, _ = _small_store(tmp_path)
     out = tmp_path / "subset.npy"
-    ok = CliRunner().invoke(
-        CLI,
-        [
-            "select",
-            str(scores_dir),
-            "--out",
-            str(out),
-            "--keep",
-            "normsim_d:0.25",
-            "--store",
-            str(store),
-            "--normsim-d-iters",
-            "3",
-        ],
-    )
+    args = ["select", str(scores_dir), "--out", str(out), "--keep", "normsim_d:0.25"]
+    args += ["--store", str(store)]
+    ok = CliRunner().invoke(CLI, [*args, "--normsim-d-iters", "3"])
     assert ok.exit_code == 0, ok.output
     assert len(np.load(out, allow_pickle=False)) == len(uids) // 4
     (scores_dir / "00000.scores.parquet").rename(scores_dir / "00099.scores.parquet")
-    bad = CliRunner().invoke(
-        CLI,
-        [
-            "select",
-            str(scores_dir),
-            "--out",
-            str(out),
-            "--keep",
-            "normsim_d:0.25",
-            "--store",
-            str(store),
-        ],
-    )
+    bad = CliRunner().invoke(CLI, args)
     assert bad.exit_code == 2 and "lacks stem(s)" in bad.output
 
 

@@ -189,25 +189,10 @@ def run_and_check(
     """Run `score` and check every guarantee; records the figures first."""
     out = root / "scores"
     summary_path = root / "summary.json"
-    run = invoke(
-        "score",
-        root / "store",
-        "--out",
-        out,
-        "--json",
-        summary_path,
-        "--device",
-        "cpu",
-        "--batch-size",
-        plan["batch"],
-        "--k",
-        plan["k"],
-        "--window",
-        plan["window"],
-        "--seed",
-        str(plan["seed"]),
-        *options,
-    )
+    score_args = ["score", root / "store", "--out", out, "--device", "cpu"]
+    score_args += ["--batch-size", plan["batch"], "--k", plan["k"], "--window", plan["window"]]
+    score_args += ["--seed", str(plan["seed"]), *options]
+    run = invoke(*score_args, "--json", summary_path)
     needs_txt = METRIC_SETS[plan["metrics"]][1]
     target_dim = target.shape[1] if target is not None else None
     outcomes = expected_outcomes(stems, plan, needs_txt, target_dim)
@@ -253,23 +238,7 @@ def run_and_check(
     assert unparseable_files(out) == [] and temp_files(out) == []
 
     before = {p.name: p.read_bytes() for p in out.glob("*.scores.parquet")}
-    again = invoke(
-        "score",
-        root / "store",
-        "--out",
-        out,
-        "--device",
-        "cpu",
-        "--batch-size",
-        plan["batch"],
-        "--k",
-        plan["k"],
-        "--window",
-        plan["window"],
-        "--seed",
-        str(plan["seed"]),
-        *options,
-    )
+    again = invoke(*score_args)
     FIGURES.record_run("score", damaged, again.crash, 0, 0)
     assert again.crash is None and again.exit_code == run.exit_code
     assert {p.name: p.read_bytes() for p in out.glob("*.scores.parquet")} == before
