@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmcurate.demo.corpus import make_pairs, pair_files, write_tar
+from mmcurate.data.shard_writer import write_shard
+from mmcurate.data.shards import ShardItem
+from mmcurate.demo.corpus import make_pairs, pair_files
 from mmcurate.embed import load_encoder
-from mmcurate.embed.stage import embed_shard
+from mmcurate.embed.stage import EmbedConfig, embed_shard
 from mmcurate.engine.base import pin_threads
 
 
@@ -30,7 +32,7 @@ def make_shard(root: Path, samples: int, size: int) -> Path:
         (f"{i:06d}", pair_files(pairs["images"][i], pairs["captions"][i], {}))
         for i in range(samples)
     ]
-    return write_tar(root / "bench.tar", items)
+    return write_shard(root / "bench.tar", items)
 
 
 def plain_loop(model: str, shard: Path, batch_size: int) -> float:
@@ -52,17 +54,9 @@ def plain_loop(model: str, shard: Path, batch_size: int) -> float:
 
 def embed_stage(model: str, shard: Path, batch_size: int, out: Path, workers: int) -> float:
     """Samples/s of the embed stage (reading, decoding, inference, writing) on the shard."""
-    config = {
-        "model": model,
-        "text_model": None,
-        "modality": "both",
-        "batch_size": batch_size,
-        "device": "cpu",
-        "decode_workers": workers,
-        "out": str(out),
-    }
+    config = EmbedConfig(model, batch_size=batch_size, device="cpu", decode_workers=workers)
     start = time.perf_counter()
-    stats = embed_shard(config, {"name": "bench", "url": str(shard)})
+    stats = embed_shard(config, str(out), ShardItem("bench", str(shard)))
     return stats["rows"] / (time.perf_counter() - start)
 
 

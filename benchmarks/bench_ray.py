@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from mmcurate.data.shards import ShardItem
 from mmcurate.demo import generate_corpus
-from mmcurate.embed.stage import embed_shard
+from mmcurate.embed.stage import EmbedConfig, embed_shard
 from mmcurate.engine import Executor, LocalExecutor, run_stage
 
 
@@ -37,9 +38,9 @@ def memory_mb() -> dict[str, int]:
     return fields
 
 
-def embed_with_memory(config: dict, item: dict) -> dict:
+def embed_with_memory(config: EmbedConfig, out: str, item: ShardItem) -> dict:
     """embed_shard, plus the process id and its memory after the shard."""
-    stats = embed_shard(config, item)
+    stats = embed_shard(config, out, item)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     return {**stats, "pid": os.getpid(), "peak_rss": peak_mb, **memory_mb()}
 
@@ -47,18 +48,12 @@ def embed_with_memory(config: dict, item: dict) -> dict:
 def one_pass(executor: Executor, corpus: list[Path], out: Path, args) -> tuple[float, list]:
     """Seconds to embed every shard into a fresh store, and the outcomes."""
     shutil.rmtree(out, ignore_errors=True)
-    config = {
-        "model": args.model,
-        "text_model": None,
-        "modality": "both",
-        "batch_size": args.batch_size,
-        "device": "cpu",
-        "decode_workers": 0,
-        "out": str(out),
-    }
-    items = [{"name": p.stem, "url": str(p)} for p in corpus]
+    config = EmbedConfig(args.model, batch_size=args.batch_size, device="cpu", decode_workers=0)
+    items = [ShardItem(p.stem, str(p)) for p in corpus]
     start = time.perf_counter()
-    outcomes, _ = run_stage(executor, functools.partial(embed_with_memory, config), items, desc="b")
+    outcomes, _ = run_stage(
+        executor, functools.partial(embed_with_memory, config, str(out)), items, desc="b"
+    )
     seconds = time.perf_counter() - start
     failed = [o for o in outcomes if not o.ok]
     if failed:

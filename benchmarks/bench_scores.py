@@ -162,12 +162,13 @@ def worker_negclip(method: str, b: int, d: int, block: int, repeat: int) -> dict
 
 def worker_e2e(store: str, out: str, b: int, k: int, window: int, threads: int) -> dict:
     """The score stage over a store, as `mmcurate score` runs it with one local worker."""
-    from mmcurate.curate.score_stage import make_config, run_score
+    from mmcurate.curate.score_config import ScoreConfig
+    from mmcurate.curate.score_stage import run_score
     from mmcurate.engine import LocalExecutor
 
-    cfg = make_config(store, out, batch_size=b, k=k, window=window, temperature=0.01)
+    cfg = ScoreConfig(batch_size=b, k=k, window=window, temperature=0.01)
     start, cpu = time.perf_counter(), _cpu_seconds()
-    summary = run_score(cfg, LocalExecutor(workers=1, threads=threads))
+    summary = run_score(store, out, cfg, LocalExecutor(workers=1, threads=threads))
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
@@ -250,7 +251,7 @@ def bench_negclip(args) -> None:
 def bench_normsim2(args) -> None:
     import torch
 
-    from mmcurate.curate.scores import gram, normsim_2
+    from mmcurate.curate.normsim import gram, normsim_2
 
     d = args.d
     centres = _unit(np.random.default_rng(0), 1000, d)
@@ -299,7 +300,7 @@ def bench_normsim2(args) -> None:
 
 
 def bench_normsim_inf(args) -> None:
-    from mmcurate.curate.scores import MaxAbsIndex, normsim_inf_exact
+    from mmcurate.curate.normsim import MaxAbsIndex, normsim_inf_exact
 
     d = args.d
     rng = np.random.default_rng(3)

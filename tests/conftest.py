@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TINY_CLIP = "open_clip:mmc-tiny"
+
+
+@dataclass(frozen=True)
+class Item:
+    """A work item for executor tests: a name and a number."""
+
+    name: str
+    x: int = 0
 
 
 @pytest.fixture(scope="session")

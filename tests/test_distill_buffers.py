@@ -41,7 +41,7 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def serial(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("serial")
-    summary = make_buffers(shards, out, CONFIG, LocalExecutor(1), device="cpu")
+    summary = make_buffers(shards, out, CONFIG, LocalExecutor(1, 1), device="cpu")
     return out, summary
 
 
@@ -73,7 +73,9 @@ def test_layout_and_weights_only_loading(serial):
 
 def test_parallel_experts_equal_serial(serial, shards, tmp_path):
     out, _ = serial
-    summary = make_buffers(shards, tmp_path, CONFIG, LocalExecutor(workers=2), device="cpu")
+    summary = make_buffers(
+        shards, tmp_path, CONFIG, LocalExecutor(workers=2, threads=1), device="cpu"
+    )
     assert summary["done"] == ["expert_000", "expert_001"] and not summary["failed"]
     for i in range(2):
         one = torch.load(expert_path(out, i), weights_only=True)
@@ -83,9 +85,9 @@ def test_parallel_experts_equal_serial(serial, shards, tmp_path):
 
 
 def test_second_run_skips_and_a_corrupt_file_is_redone(shards, tmp_path):
-    first = make_buffers(shards, tmp_path, CONFIG, LocalExecutor(1), device="cpu")
+    first = make_buffers(shards, tmp_path, CONFIG, LocalExecutor(1, 1), device="cpu")
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("expert_*.pt")}
-    again = make_buffers(shards, tmp_path, CONFIG, LocalExecutor(1), device="cpu")
+    again = make_buffers(shards, tmp_path, CONFIG, LocalExecutor(1, 1), device="cpu")
     assert again["done"] == [] and again["already_done"] == first["done"]
     assert stamps == {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("expert_*.pt")}
 
@@ -94,13 +96,13 @@ def test_second_run_skips_and_a_corrupt_file_is_redone(shards, tmp_path):
     with pytest.raises(UsageError, match="corrupt buffer file .*expert_001.pt") as err:
         load_buffers(tmp_path)
     assert "\n" not in str(err.value)
-    redo = make_buffers(shards, tmp_path, CONFIG, LocalExecutor(1), device="cpu")
+    redo = make_buffers(shards, tmp_path, CONFIG, LocalExecutor(1, 1), device="cpu")
     assert redo["done"] == ["expert_001"] and redo["already_done"] == ["expert_000"]
     again = torch.load(expert_path(tmp_path, 1), weights_only=True)
     assert torch.equal(again["image"], good["image"])
 
     three = replace(CONFIG, experts=3)
-    more = make_buffers(shards, tmp_path, three, LocalExecutor(1), device="cpu")
+    more = make_buffers(shards, tmp_path, three, LocalExecutor(1, 1), device="cpu")
     assert more["done"] == ["expert_002"]
     assert len(load_buffers(tmp_path).experts) == 3
 
@@ -110,7 +112,7 @@ def test_architecture_mismatch_is_refused(serial, shards):
     with pytest.raises(UsageError, match="made for image encoder 'convnet-w8-d2', not 'mmc-tiny'"):
         load_buffers(out, {"image_encoder": "mmc-tiny"})
     with pytest.raises(UsageError, match="image_encoder='convnet-w8-d2'"):
-        make_buffers(shards, out, replace(CONFIG, image_encoder="mmc-tiny"), LocalExecutor(1))
+        make_buffers(shards, out, replace(CONFIG, image_encoder="mmc-tiny"), LocalExecutor(1, 1))
     with pytest.raises(UsageError, match="no expert buffers"):
         load_buffers(out / "nowhere")
 

@@ -34,7 +34,7 @@ def test_distilled_pairs_beat_random_pairs(tmp_path):
     config = BufferConfig(
         experts=3, epochs=3, image_encoder="convnet-tiny", text_encoder=TEXT, image_size=32
     )
-    summary = make_buffers(train, tmp_path / "buf", config, LocalExecutor(1), device="cpu")
+    summary = make_buffers(train, tmp_path / "buf", config, LocalExecutor(1, 1), device="cpu")
     assert len(summary["done"]) == 3 and not summary["failed"]
 
     art = distill(

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from conftest import TINY_CLIP, embed_args, run_cli
 
 from mmcurate.cli.main import cli
-from mmcurate.demo.corpus import make_pairs, pair_files, write_tar
+from mmcurate.data.shard_writer import write_shard
+from mmcurate.demo.corpus import make_pairs, pair_files
 
 
 def _embed(src, out, *extra):
@@ -97,11 +98,11 @@ def _bad_corpus(root):
         if i == 9:
             files["txt"] = b"   "
         samples.append((f"{i:06d}", files))
-    write_tar(root / "good-a.tar", samples[:20])
-    write_tar(root / "flawed.tar", samples[:20])
+    write_shard(root / "good-a.tar", samples[:20])
+    write_shard(root / "flawed.tar", samples[:20])
     good = (root / "good-a.tar").read_bytes()
     (root / "corrupt.tar").write_bytes(good[: len(good) // 2])
-    write_tar(root / "good-b.tar", samples[20:])
+    write_shard(root / "good-b.tar", samples[20:])
     return sorted(root.glob("*.tar"))
 
 
@@ -133,7 +134,7 @@ def test_duplicate_uid_within_a_shard_is_skipped(tmp_path):
         ("a", pair_files(pairs["images"][3], "x", dup_meta)),
         ("b", pair_files(pairs["images"][3], "y", dup_meta)),
     ]
-    shard = write_tar(tmp_path / "dups.tar", samples)
+    shard = write_shard(tmp_path / "dups.tar", samples)
     out = tmp_path / "store"
     assert _embed([shard], out).exit_code == 0
     done = json.loads((out / "dups.done.json").read_text())

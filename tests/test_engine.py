@@ -5,23 +5,25 @@ from __future__ import annotations
 import functools
 import os
 
+from conftest import Item
+
 from mmcurate.engine import LocalExecutor, run_stage, summarise
 from mmcurate.errors import ShardError
 
 
-def square_or_fail(offset: int, item: dict) -> dict:
+def square_or_fail(offset: int, item: Item) -> dict:
     """A per-item function for the tests: fails on purpose for 'bad'."""
-    if item["name"] == "bad":
+    if item.name == "bad":
         raise ShardError("bad: broken on purpose")
-    if item["name"] == "crash":
+    if item.name == "crash":
         raise ValueError("unexpected\nsecond line")
     import torch
 
-    return {"rows": item["x"] ** 2 + offset, "threads": torch.get_num_threads(), "pid": os.getpid()}
+    return {"rows": item.x**2 + offset, "threads": torch.get_num_threads(), "pid": os.getpid()}
 
 
 def _items():
-    return [{"name": f"s{i}", "x": i} for i in range(5)] + [{"name": "bad"}, {"name": "crash"}]
+    return [Item(f"s{i}", i) for i in range(5)] + [Item("bad"), Item("crash")]
 
 
 def test_failures_are_isolated_and_one_line():
@@ -43,7 +45,7 @@ def test_two_workers_use_two_processes_and_done_items_are_skipped():
         LocalExecutor(2, 1),
         functools.partial(square_or_fail, 0),
         _items()[:5],
-        is_done=lambda item: item["x"] < 2,
+        is_done=lambda item: item.x < 2,
     )
     assert skipped == ["s0", "s1"] and [o.name for o in outcomes] == ["s2", "s3", "s4"]
     assert os.getpid() not in {o.stats["pid"] for o in outcomes}

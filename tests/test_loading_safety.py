@@ -179,11 +179,11 @@ def _live(path: Path, marker: Path) -> None:
 
 
 def test_real_loaders_refuse_pickle_payloads_without_running_them(tmp_path, payload_marker):
-    from mmcurate.curate.select import load_subset
     from mmcurate.curate.targets import load_target
     from mmcurate.data.store import read_arrays
+    from mmcurate.data.subset import load_subset
+    from mmcurate.distill.artifact import load_artifact
     from mmcurate.distill.buffers import read_expert
-    from mmcurate.distill.distiller import load_artifact
 
     evil_pt = tmp_path / "evil.pt"
     torch.save({"image_features": torch.zeros(2, 4), "evil": Evil()}, evil_pt)

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mmcurate.demo.analysis import analyse
+from mmcurate.demo.report import render_report, terminal_table
 from mmcurate.metrics.auroc import auroc, curve_area, detection_auroc, roc_curve
 from mmcurate.metrics.overlap import overlap
-from mmcurate.metrics.report import analyse, render_report, terminal_table
 
 
 def brute_auroc(scores, labels) -> float:

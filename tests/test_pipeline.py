@@ -17,11 +17,11 @@ from conftest import run_cli
 
 from mmcurate.demo.faults import DemoSizes, corpus_paths, write_demo_corpus
 from mmcurate.demo.run import write_toml
+from mmcurate.distill.artifact import load_artifact
 from mmcurate.distill.data import load_pairs
-from mmcurate.distill.distiller import load_artifact
 from mmcurate.distill.evaluate import EvalConfig, artifact_set, evaluate_small_set
-from mmcurate.engine.pipeline import STAGES, load_plan, plan_from_dict
 from mmcurate.errors import UsageError
+from mmcurate.pipeline import STAGES, load_plan, plan_from_dict
 
 TEXT = "hf-text:mmc-tiny-bert"
 SIZES = DemoSizes(train=200, pool=160, target=40, test=50, pool_shards=4)

@@ -17,14 +17,15 @@ import numpy as np
 import pytest
 import ray
 from click.testing import CliRunner
-from conftest import TINY_CLIP, embed_args, run_cli
+from conftest import TINY_CLIP, Item, embed_args, run_cli
 
 from mmcurate.cli.embed_cmd import embed
 from mmcurate.cli.main import Group
 from mmcurate.cli.score_cmd import score
+from mmcurate.data.shards import ShardItem
 from mmcurate.demo import generate_corpus
 from mmcurate.embed.encoders import _cached
-from mmcurate.embed.stage import embed_shard
+from mmcurate.embed.stage import EmbedConfig, embed_shard
 from mmcurate.engine import Outcome, run_stage
 from mmcurate.engine.ray_executor import RayExecutor
 from mmcurate.errors import ShardError
@@ -33,6 +34,7 @@ CLI = Group(name="mmcurate", commands={"embed": embed, "score": score})
 
 # Ray workers cannot import this test module, so its work functions travel by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(sys.modules["conftest"])
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +73,13 @@ def store_bytes(out: Path) -> dict[str, bytes]:
     return files
 
 
-def embed_config(out: Path) -> dict:
-    """The config `mmcurate embed` builds for the tiny CLIP with --batch-size 16."""
-    return {
-        "model": TINY_CLIP,
-        "text_model": None,
-        "modality": "both",
-        "batch_size": 16,
-        "device": "cpu",
-        "decode_workers": 0,
-        "out": str(out),
-    }
+def embed_job(out: Path) -> tuple[EmbedConfig, str]:
+    """The config `mmcurate embed` builds for the tiny CLIP with --batch-size 16, and the store."""
+    return EmbedConfig(TINY_CLIP, batch_size=16, device="cpu", decode_workers=0), str(out)
 
 
-def items_of(corpus: list[Path]) -> list[dict]:
-    return [{"name": p.stem, "url": str(p)} for p in corpus]
+def items_of(corpus: list[Path]) -> list[ShardItem]:
+    return [ShardItem(p.stem, str(p)) for p in corpus]
 
 
 @pytest.fixture(scope="module")
@@ -100,25 +94,25 @@ def local_store(corpus3, tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------- work functions
 
 
-def embed_reporting_loads(config: dict, item: dict) -> dict:
+def embed_reporting_loads(config: EmbedConfig, out: str, item: ShardItem) -> dict:
     """embed_shard, plus this process's id and how many encoders it has built so far."""
-    stats = embed_shard(config, item)
+    stats = embed_shard(config, out, item)
     return {**stats, "pid": os.getpid(), "loads": _cached.cache_info().misses}
 
 
-def embed_failing_once(marker_dir: str, config: dict, item: dict) -> dict:
+def embed_failing_once(marker_dir: str, config: EmbedConfig, out: str, item: ShardItem) -> dict:
     """embed_shard, but the first attempt at each shard dies: worker killed, or an exception."""
-    marker = Path(marker_dir) / item["name"]
+    marker = Path(marker_dir) / item.name
     with open(marker, "a") as fh:
         fh.write(f"{os.getpid()}\n")
     if len(marker.read_text().splitlines()) == 1:
-        if item["name"].endswith("0"):
+        if item.name.endswith("0"):
             os._exit(1)
         raise RuntimeError("transient failure\nsecond line")
-    return embed_shard(config, item)
+    return embed_shard(config, out, item)
 
 
-def report_resources(item: dict) -> dict:
+def report_resources(item: Item) -> dict:
     """What Ray granted this task, and the compute threads it runs with."""
     import torch
 
@@ -130,26 +124,26 @@ def report_resources(item: dict) -> dict:
     }
 
 
-def target_buffer(target, item: dict) -> dict:
+def target_buffer(target, item: Item) -> dict:
     """Where this task sees the config's array: process, address, and whether it is shared."""
     return {"pid": os.getpid(), "address": target.ctypes.data, "shared": not target.flags.writeable}
 
 
-def wait_for_marker(marker: str, item: dict) -> dict:
+def wait_for_marker(marker: str, item: Item) -> dict:
     """The `slow` item waits (up to 60 s) for a file the driver writes after another outcome."""
     deadline = time.monotonic() + 60
-    while item["name"] == "slow" and not Path(marker).exists() and time.monotonic() < deadline:
+    while item.name == "slow" and not Path(marker).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return {"saw_marker": Path(marker).exists()}
 
 
-def count_attempts(marker_dir: str, item: dict) -> dict:
+def count_attempts(marker_dir: str, item: Item) -> dict:
     """Fails as the item's name says, recording each attempt."""
-    with open(Path(marker_dir) / item["name"], "a") as fh:
+    with open(Path(marker_dir) / item.name, "a") as fh:
         fh.write("attempt\n")
-    if item["name"] == "bad":
+    if item.name == "bad":
         raise ShardError("bad.tar: truncated tar (unexpected end of data)")
-    if item["name"] == "always":
+    if item.name == "always":
         raise RuntimeError("still broken\ntraceback-like second line")
     return {"rows": 1}
 
@@ -208,7 +202,7 @@ def test_embed_and_score_on_ray_match_local_bytes(cluster, corpus3, local_store,
 
 def test_weights_load_once_per_worker_process(cluster, tmp_path):
     corpus = generate_corpus(tmp_path / "corpus", n_shards=6, per_shard=16, seed=2)
-    fn = functools.partial(embed_reporting_loads, embed_config(tmp_path / "store"))
+    fn = functools.partial(embed_reporting_loads, *embed_job(tmp_path / "store"))
     outcomes = list(RayExecutor(cluster, threads=1, num_gpus=0).map(fn, items_of(corpus)))
     assert [o.ok for o in outcomes] == [True] * 6, outcomes
     pids = {o.stats["pid"] for o in outcomes}
@@ -220,7 +214,7 @@ def test_failing_tasks_are_retried_and_outputs_complete(cluster, corpus3, local_
     markers = tmp_path / "attempts"
     markers.mkdir()
     out = tmp_path / "store"
-    fn = functools.partial(embed_failing_once, str(markers), embed_config(out))
+    fn = functools.partial(embed_failing_once, str(markers), *embed_job(out))
     outcomes, skipped = run_stage(RayExecutor(cluster, 1, 0), fn, items_of(corpus3), desc="t")
     assert [(o.name, o.ok) for o in outcomes] == [(p.stem, True) for p in corpus3], outcomes
     assert skipped == []
@@ -232,7 +226,7 @@ def test_failing_tasks_are_retried_and_outputs_complete(cluster, corpus3, local_
 
 def test_shard_errors_are_not_retried_and_exhausted_retries_fail_alone(cluster, tmp_path):
     fn = functools.partial(count_attempts, str(tmp_path))
-    items = [{"name": n} for n in ("always", "bad", "good")]
+    items = [Item(n) for n in ("always", "bad", "good")]
     outcomes = {o.name: o for o in RayExecutor(cluster, 1, 0, max_retries=2).map(fn, items)}
     assert outcomes["good"] == Outcome("good", True, outcomes["good"].stats, None)
     assert outcomes["good"].stats["rows"] == 1
@@ -246,7 +240,7 @@ def test_shard_errors_are_not_retried_and_exhausted_retries_fail_alone(cluster, 
 
 
 def test_tasks_request_threads_as_cpus_and_fractional_gpus(cluster):
-    items = [{"name": str(i)} for i in range(4)]
+    items = [Item(str(i)) for i in range(4)]
     cases = [(1, 0.5, {"CPU": 1.0, "GPU": 0.5}, "0"), (2, 0, {"CPU": 2.0}, "")]
     for threads, gpus, expected, visible in cases:
         outcomes = list(RayExecutor(cluster, threads, gpus).map(report_resources, items))
@@ -261,7 +255,7 @@ def test_tasks_request_threads_as_cpus_and_fractional_gpus(cluster):
 def test_work_function_is_broadcast_once_through_the_object_store(cluster):
     target = np.random.default_rng(0).standard_normal((2048, 64)).astype(np.float32)
     fn = functools.partial(target_buffer, target)
-    items = [{"name": str(i)} for i in range(8)]
+    items = [Item(str(i)) for i in range(8)]
     outcomes = list(RayExecutor(cluster, 1, 0).map(fn, items))
     assert all(o.ok and o.stats["shared"] for o in outcomes), outcomes
     by_pid: dict[int, set[int]] = {}
@@ -274,7 +268,7 @@ def test_work_function_is_broadcast_once_through_the_object_store(cluster):
 def test_outcomes_stream_as_tasks_finish(cluster, tmp_path):
     marker = tmp_path / "fast-outcome-seen"
     fn = functools.partial(wait_for_marker, str(marker))
-    outcomes = RayExecutor(cluster, 1, 0).map(fn, [{"name": "slow"}, {"name": "fast"}])
+    outcomes = RayExecutor(cluster, 1, 0).map(fn, [Item("slow"), Item("fast")])
     first = next(outcomes)
     assert first.name == "fast"
     marker.touch()

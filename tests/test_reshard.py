@@ -14,11 +14,13 @@ from click.testing import CliRunner
 
 from mmcurate.cli.main import Group
 from mmcurate.cli.select_cmd import reshard_cmd, select_cmd
-from mmcurate.curate.reshard import reshard
+from mmcurate.curate.reshard import ReshardConfig
+from mmcurate.curate.reshard import reshard as reshard_stage
 from mmcurate.data.atomic import save_npy_atomic
+from mmcurate.data.shard_writer import write_shard
 from mmcurate.data.uid import pair_to_uid, sample_uid, uid_pairs
-from mmcurate.demo.corpus import generate_corpus, write_tar
-from mmcurate.engine import make_executor
+from mmcurate.demo.corpus import generate_corpus
+from mmcurate.engine import ExecutorConfig, LocalExecutor, make_executor
 
 CLI = Group("mmcurate", commands={"select": select_cmd, "reshard": reshard_cmd})
 
@@ -57,6 +59,13 @@ def save_subset(path: Path, uids: list[str]) -> Path:
 def corpus(tmp_path):
     paths = generate_corpus(tmp_path / "src", n_shards=3, per_shard=40, seed=1, image_size=16)
     return paths, corpus_samples(paths)
+
+
+def reshard(sources, subset, out, shard_size, executor=None):
+    """The reshard stage with one local worker unless told otherwise."""
+    return reshard_stage(
+        sources, subset, out, ReshardConfig(shard_size), executor or LocalExecutor(1, 1)
+    )
 
 
 def test_output_holds_exactly_the_subset_once_with_original_bytes(tmp_path, corpus):
@@ -98,7 +107,13 @@ def test_bytes_are_deterministic_across_runs_and_workers(tmp_path, corpus):
     subset = save_subset(tmp_path / "subset.npy", sorted(samples)[::2])
     srcs = [str(p) for p in paths]
     reshard(srcs, subset, tmp_path / "a", shard_size=25)
-    reshard(srcs, subset, tmp_path / "b", shard_size=25, executor=make_executor("local", 2))
+    reshard(
+        srcs,
+        subset,
+        tmp_path / "b",
+        shard_size=25,
+        executor=make_executor(ExecutorConfig(workers=2)),
+    )
     names = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
     assert names == sorted(p.name for p in (tmp_path / "b").glob("*.tar")) and names
     for name in names:
@@ -113,11 +128,11 @@ def test_duplicates_first_occurrence_wins_and_clashing_keys_are_renamed(tmp_path
         meta = json.dumps({"uid": uid, "tag": tag}).encode()
         return key, {"txt": tag.encode(), "json": meta, "jpg": tag.encode() * 3}
 
-    x = write_tar(
+    x = write_shard(
         tmp_path / "x.tar",
         [sample("k1", uid_a, "x-a"), sample("k2", uid_b, "x-b"), sample("k3", uid_a, "x-a2")],
     )
-    y = write_tar(tmp_path / "y.tar", [sample("k1", uid_c, "y-c"), sample("k2", uid_b, "y-b")])
+    y = write_shard(tmp_path / "y.tar", [sample("k1", uid_c, "y-c"), sample("k2", uid_b, "y-b")])
     subset = save_subset(tmp_path / "subset.npy", [uid_a, uid_b, uid_c])
     summary = reshard([str(x), str(y)], subset, tmp_path / "out", shard_size=10)
     got = read_back(tmp_path / "out")

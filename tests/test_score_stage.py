@@ -15,15 +15,11 @@ from click.testing import CliRunner
 
 from mmcurate.cli.main import Group
 from mmcurate.cli.score_cmd import score
-from mmcurate.curate.score_stage import (
-    WindowRows,
-    make_config,
-    plan_windows,
-    run_score,
-    window_items,
-)
+from mmcurate.curate.score_config import ScoreConfig, resolve_score
+from mmcurate.curate.score_stage import run_score
 from mmcurate.curate.scores import negclip_scores
 from mmcurate.curate.targets import load_target
+from mmcurate.curate.windows import WindowRows, plan_windows, window_items
 from mmcurate.data.store import write_stem
 from mmcurate.data.uid import sample_uid
 from mmcurate.engine import LocalExecutor
@@ -143,8 +139,8 @@ def test_one_and_two_workers_give_identical_scores_and_resume(tmp_path):
     make_store(store, [60, 60, 60, 60], d=8)
 
     def run(out: Path, workers: int, **kw) -> dict:
-        cfg = make_config(str(store), str(out), batch_size=32, k=2, window=100, **kw)
-        return run_score(cfg, LocalExecutor(workers=workers, threads=1))
+        cfg = ScoreConfig(batch_size=32, k=2, window=100, **kw)
+        return run_score(str(store), str(out), cfg, LocalExecutor(workers=workers, threads=1))
 
     one, two = tmp_path / "one", tmp_path / "two"
     assert not run(one, 1)["failed"]
@@ -194,7 +190,7 @@ def test_datacomp_layout_scores_with_l14_keys(tmp_path):
 def test_tau_defaults_to_inverse_logit_scale_recorded_in_store(tmp_path):
     store = tmp_path / "store"
     make_store(store, [40], stats={"logit_scale": 50.0})
-    cfg = make_config(str(store), str(tmp_path / "out"))
+    cfg = resolve_score(str(store), str(tmp_path / "out"), ScoreConfig())
     assert cfg.tau == pytest.approx(0.02) and "logit_scale" in cfg.tau_source
 
 
@@ -359,6 +355,6 @@ def test_targets_refuse_pickles_and_bad_files(tmp_path):
 def test_window_items_name_their_stems(tmp_path):
     store = tmp_path / "store"
     make_store(store, [30, 30, 30])
-    cfg = make_config(str(store), str(tmp_path / "o"), window=50, batch_size=16)
+    cfg = resolve_score(str(store), str(tmp_path / "o"), ScoreConfig(window=50, batch_size=16))
     items = window_items(cfg)
-    assert [it["name"] for it in items] == ["w00000:00000..00001", "w00001:00002"]
+    assert [it.name for it in items] == ["w00000:00000..00001", "w00001:00002"]

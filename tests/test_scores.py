@@ -8,20 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from mmcurate.curate.scores import (
+from mmcurate.curate.normsim import (
     MaxAbsIndex,
-    batch_logsumexp,
-    clipscore,
     estimate_recall,
     gram,
-    negclip_batching,
-    negclip_batchings,
-    negclip_from_batchings,
-    negclip_scores,
     normsim_2,
     normsim_d_keep,
     normsim_inf_exact,
     normsim_p,
+)
+from mmcurate.curate.scores import (
+    batch_logsumexp,
+    clipscore,
+    negclip_batching,
+    negclip_batchings,
+    negclip_from_batchings,
+    negclip_scores,
 )
 
 

@@ -19,21 +19,29 @@ from click.testing import CliRunner
 
 from mmcurate.cli.main import Group
 from mmcurate.cli.select_cmd import reshard_cmd, select_cmd
-from mmcurate.curate.scores import normsim_d_keep
-from mmcurate.curate.select import (
+from mmcurate.curate.normsim import normsim_d_keep
+from mmcurate.curate.rules import parse_rule
+from mmcurate.curate.select import SelectConfig, select
+from mmcurate.data.atomic import save_npy_atomic
+from mmcurate.data.subset import write_subset
+from mmcurate.data.uid import (
+    UID_DTYPE,
     hex_to_pairs,
     intersect_pairs,
-    parse_rule,
-    select,
+    pair_to_uid,
+    uid_pairs,
     union_pairs,
-    write_subset,
 )
-from mmcurate.data.atomic import save_npy_atomic
-from mmcurate.data.uid import UID_DTYPE, pair_to_uid, uid_pairs
 from mmcurate.errors import UsageError
 
 CLI = Group("mmcurate", commands={"select": select_cmd, "reshard": reshard_cmd})
 METRICS = ("clipscore", "negclip", "normsim_2", "normsim_inf")
+
+
+def pick(root, rules=(), **options):
+    """`select` with these --keep rules and options, as the CLI calls it."""
+    opts = {k: tuple(map(str, v)) if isinstance(v, list) else v for k, v in options.items()}
+    return select(root, SelectConfig(keep=tuple(rules), **opts), progress=False)
 
 
 def random_uids(n: int, seed: int) -> list[str]:
@@ -112,7 +120,7 @@ def test_hex_to_pairs_matches_uid_pairs_on_sliced_and_uppercase_columns():
 def test_chained_fractions_are_of_the_whole_pool(pool):
     root, uids, scores = pool
     rules = ["negclip:0.3", "normsim_inf:0.2"]
-    subset, report = select(root, rules, progress=False)
+    subset, report = pick(root, rules)
     assert set(as_uids(subset)) == reference(uids, scores, rules)
     assert [s["count"] for s in report["stages"]] == [180, 120]
     assert [s["target"] for s in report["stages"]] == [180, 120]
@@ -124,7 +132,7 @@ def test_chained_fractions_are_of_the_whole_pool(pool):
 
 def test_default_recipe_is_negclip_then_normsim_inf(pool):
     root, uids, scores = pool
-    subset, report = select(root, [], progress=False)
+    subset, report = pick(root, [])
     assert [s["rule"] for s in report["stages"]] == ["negclip:0.3", "normsim_inf:0.2"]
     assert set(as_uids(subset)) == reference(uids, scores, ["negclip:0.3", "normsim_inf:0.2"])
 
@@ -132,7 +140,7 @@ def test_default_recipe_is_negclip_then_normsim_inf(pool):
 def test_fraction_larger_than_survivors_keeps_all_non_nan(pool):
     root, uids, scores = pool
     rules = ["clipscore>=0.9", "negclip:0.5"]
-    subset, report = select(root, rules, progress=False)
+    subset, report = pick(root, rules)
     assert set(as_uids(subset)) == reference(uids, scores, rules)
     assert report["stages"][1]["count"] < report["stages"][1]["target"]
 
@@ -140,7 +148,7 @@ def test_fraction_larger_than_survivors_keeps_all_non_nan(pool):
 def test_fraction_is_exact_for_decimals(tmp_path):
     uids = random_uids(100, 4)
     write_sidecars(tmp_path, uids, {"negclip": np.arange(100, dtype=np.float32)}, 1)
-    subset, _ = select(tmp_path, ["negclip:0.29"], progress=False)
+    subset, _ = pick(tmp_path, ["negclip:0.29"])
     assert len(subset) == 29  # int(0.29 * 100) would give 28
 
 
@@ -155,7 +163,7 @@ def test_fraction_is_exact_for_decimals(tmp_path):
 )
 def test_thresholds_and_mixed_chains(pool, rules):
     root, uids, scores = pool
-    subset, report = select(root, rules, progress=False)
+    subset, report = pick(root, rules)
     expected = reference(uids, scores, rules)
     assert set(as_uids(subset)) == expected
     assert report["count"] == len(expected)
@@ -164,11 +172,11 @@ def test_thresholds_and_mixed_chains(pool, rules):
 def test_threshold_boundary_is_inclusive_only_for_ge(tmp_path):
     uids = random_uids(3, 5)
     write_sidecars(tmp_path, uids, {"clipscore": np.array([0.28, 0.2799, 0.3], np.float32)}, 1)
-    assert set(as_uids(select(tmp_path, ["clipscore>=0.28"], progress=False)[0])) == {
+    assert set(as_uids(pick(tmp_path, ["clipscore>=0.28"])[0])) == {
         uids[0],
         uids[2],
     }
-    assert set(as_uids(select(tmp_path, ["clipscore>0.28"], progress=False)[0])) == {uids[2]}
+    assert set(as_uids(pick(tmp_path, ["clipscore>0.28"])[0])) == {uids[2]}
 
 
 def test_ties_keep_the_smaller_uid(tmp_path):
@@ -176,7 +184,7 @@ def test_ties_keep_the_smaller_uid(tmp_path):
     values = np.full(40, 0.5, np.float32)
     values[:5] = 0.9
     write_sidecars(tmp_path, uids, {"negclip": values}, 3)
-    subset, _ = select(tmp_path, ["negclip:0.25"], progress=False)
+    subset, _ = pick(tmp_path, ["negclip:0.25"])
     winners = set(uids[:5]) | set(sorted(uids[5:])[:5])
     assert set(as_uids(subset)) == winners
     # A uid is compared as a number: hex order equals numeric order of the pair.
@@ -188,7 +196,7 @@ def test_duplicate_uids_across_sidecars_give_a_unique_sorted_subset(tmp_path):
     doubled = uids + uids[:10]
     values = np.concatenate([np.linspace(0, 1, 30), np.linspace(0, 1, 30)[:10]]).astype(np.float32)
     write_sidecars(tmp_path / "s", doubled, {"clipscore": values}, 4)
-    subset, report = select(tmp_path / "s", ["clipscore>=0"], progress=False)
+    subset, report = pick(tmp_path / "s", ["clipscore>=0"])
     assert sorted(as_uids(subset)) == sorted(uids)
     assert report["duplicate_uids"] == 10
     assert_subset_form(subset)
@@ -203,13 +211,11 @@ def test_union_and_intersect_match_python_sets(tmp_path, pool):
     save_npy_atomic(tmp_path / "b.npy", np.sort(uid_pairs(b)))
     rules = ["negclip:0.3"]
     ours = reference(uids, scores, rules)
-    subset, report = select(
-        root, rules, union=[tmp_path / "a.npy"], intersect=[tmp_path / "b.npy"], progress=False
-    )
+    subset, report = pick(root, rules, union=[tmp_path / "a.npy"], intersect=[tmp_path / "b.npy"])
     assert set(as_uids(subset)) == (ours | set(a)) & set(b)
     assert report["after_union"] == len(ours | set(a))
     assert_subset_form(subset)
-    only_files, _ = select(None, union=[tmp_path / "a.npy", tmp_path / "b.npy"], progress=False)
+    only_files, _ = pick(None, union=[tmp_path / "a.npy", tmp_path / "b.npy"])
     assert set(as_uids(only_files)) == set(a) | set(b)
     assert_subset_form(only_files)
 
@@ -291,7 +297,7 @@ def test_pickled_or_wrong_dtype_subset_files_are_refused(tmp_path, pool):
     np.save(tmp_path / "f8.npy", np.zeros((3, 2)))
     for name in ("obj.npy", "f8.npy"):
         with pytest.raises(UsageError):
-            select(root, ["negclip:0.1"], union=[tmp_path / name], progress=False)
+            pick(root, ["negclip:0.1"], union=[tmp_path / name])
 
 
 def test_parse_rule_forms():
@@ -328,7 +334,8 @@ def test_million_rows_select_without_embeddings_in_modest_memory(tmp_path):
         f"""
         import json, sys, tracemalloc
         import pyarrow.parquet, tqdm
-        from mmcurate.curate.select import select, write_subset
+        from mmcurate.curate.select import SelectConfig, select
+        from mmcurate.data.subset import write_subset
         def hwm():  # peak RSS of this process in MB (VmHWM restarts at exec, ru_maxrss does not)
             for line in open("/proc/self/status"):
                 if line.startswith("VmHWM:"):
@@ -337,7 +344,7 @@ def test_million_rows_select_without_embeddings_in_modest_memory(tmp_path):
         pyarrow.parquet.read_table({str(root / "00000.scores.parquet")!r})
         base = hwm()
         tracemalloc.start()
-        subset, report = select({str(root)!r}, [], progress=False)
+        subset, report = select({str(root)!r}, SelectConfig(), progress=False)
         write_subset({str(tmp_path / "subset.npy")!r}, subset, report)
         traced = tracemalloc.get_traced_memory()[1]
         print(json.dumps({{"rss_mb": hwm() - base, "traced_mb": traced / 2**20,
@@ -393,13 +400,8 @@ def _small_store(tmp_path: Path, n_stems: int = 3, per: int = 40, dim: int = 8):
 def test_normsim_d_stage_reads_the_survivors_embeddings_from_the_store(tmp_path):
     store, scores_dir, uids, emb, neg = _small_store(tmp_path)
     n = len(uids)
-    subset, report = select(
-        scores_dir,
-        ["negclip:0.5", "normsim_d:0.2"],
-        store=store,
-        normsim_d_iters=7,
-        seed=5,
-        progress=False,
+    subset, report = pick(
+        scores_dir, ["negclip:0.5", "normsim_d:0.2"], store=store, normsim_d_iters=7, seed=5
     )
     # Independent: survivors in sidecar order, embeddings from memory, one chunk.
     survivors = sorted(reference(uids, {"negclip": neg}, ["negclip:0.5"]), key=uids.index)

@@ -1,35 +1,49 @@
-"""What every command shares: executor options, the end summary, --json output."""
+"""What every command shares: defaults read from the stages' config dataclasses, executor
+options, the end summary, --json output."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import MISSING, fields
 
 import click
 
 from mmcurate.data.atomic import write_json_atomic
-from mmcurate.engine import make_executor
+from mmcurate.engine import ExecutorConfig, make_executor
 from mmcurate.errors import UsageError
 
 
+def default(cls: type, name: str):
+    """The default of one field of a stage's config dataclass (what the library uses)."""
+    for f in fields(cls):
+        if f.name == name and f.default is not MISSING:
+            return f.default
+    raise KeyError(f"{cls.__name__}.{name} has no default")
+
+
 def executor_options(fn: Callable) -> Callable:
-    """--executor/--workers/--threads/--ray-address, turned into an `executor` argument."""
+    """--executor/--workers/--threads/--ray-address/--ray-gpus, turned into an `executor`."""
 
     @click.option(
         "--executor",
         "executor_name",
         type=click.Choice(["local", "ray"]),
-        default="local",
+        default=default(ExecutorConfig, "executor"),
         show_default=True,
         help="Where per-shard work runs.",
     )
     @click.option(
-        "--workers", type=int, default=1, show_default=True, help="Local worker processes."
+        "--workers",
+        type=int,
+        default=default(ExecutorConfig, "workers"),
+        show_default=True,
+        help="Local worker processes.",
     )
     @click.option(
         "--threads",
         type=int,
-        default=1,
+        default=default(ExecutorConfig, "threads"),
         show_default=True,
         help="Compute threads per worker (results are identical for a given value).",
     )
@@ -39,7 +53,7 @@ def executor_options(fn: Callable) -> Callable:
     @click.option(
         "--ray-gpus",
         type=float,
-        default=0.0,
+        default=default(ExecutorConfig, "ray_gpus"),
         show_default=True,
         help="GPUs per Ray task; a fraction shares a GPU (e.g. 0.5).",
     )
@@ -47,8 +61,8 @@ def executor_options(fn: Callable) -> Callable:
     def wrapper(*args, executor_name, workers, threads, ray_address, ray_gpus, **kwargs):
         if executor_name == "ray" and kwargs.get("device") == "cuda" and not ray_gpus:
             raise UsageError("--device cuda on Ray needs --ray-gpus > 0 (GPUs per task)")
-        executor = make_executor(executor_name, workers, threads, ray_address, ray_gpus)
-        return fn(*args, executor=executor, **kwargs)
+        config = ExecutorConfig(executor_name, workers, threads, ray_address, ray_gpus)
+        return fn(*args, executor=make_executor(config), **kwargs)
 
     return wrapper
 

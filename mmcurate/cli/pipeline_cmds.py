@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mmcurate.data.atomic import write_json_atomic
-from mmcurate.engine.pipeline import STAGES, load_plan, run_pipeline
+from mmcurate.pipeline import STAGES, load_plan, run_pipeline
 
 
 @click.command("pipeline")
@@ -27,7 +27,7 @@ def pipeline(config, start, until, workers, device, json_path) -> None:
     Stages whose settings and inputs are unchanged since they finished are skipped; a changed
     stage re-runs with everything after it; an interrupted stage resumes its unfinished work.
     """
-    from mmcurate.engine.base import pin_threads
+    from mmcurate.engine import pin_threads
 
     plan = load_plan(config, {"workers": workers, "device": device})
     pin_threads(int(plan.settings["threads"]))
@@ -76,9 +76,9 @@ def pipeline(config, start, until, workers, device, json_path) -> None:
 @click.option("--json", "json_path", default=None, help="Also write summary.json here.")
 def demo(out, seed, scale, json_path) -> None:
     """The whole pipeline on the built-in corpus with injected faults, offline on CPU."""
+    from mmcurate.demo.report import terminal_table
     from mmcurate.demo.run import run_demo
-    from mmcurate.engine.base import pin_threads
-    from mmcurate.metrics.report import terminal_table
+    from mmcurate.engine import pin_threads
 
     pin_threads(1)
     parts = ["mmcurate demo", f"--out {out}"]

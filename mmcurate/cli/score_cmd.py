@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from mmcurate.cli.common import executor_options, finish, print_summary
-from mmcurate.curate.score_stage import METRICS, make_config, run_score
+from mmcurate.cli.common import default, executor_options, finish, print_summary
+from mmcurate.curate.score_config import DEFAULT_TAU, INDEX_KINDS, METRICS, ScoreConfig
+from mmcurate.curate.score_stage import run_score
 
 
 @click.command()
@@ -20,85 +21,77 @@ from mmcurate.curate.score_stage import METRICS, make_config, run_score
 )
 @click.option(
     "--target",
-    "targets",
+    "target",
     multiple=True,
     help="NormSim target: store dir, .npy or .pt (repeatable; concatenated).",
 )
 @click.option(
-    "--p", "ps", multiple=True, help="NormSim exponent: 2, inf or any number > 0 (repeatable)."
+    "--p", "p", multiple=True, help="NormSim exponent: 2, inf or any number > 0 (repeatable)."
 )
 @click.option(
     "--temperature",
     type=float,
     default=None,
-    help="negCLIPLoss τ. Default: 1/logit_scale recorded in the store, else 0.01.",
+    help=f"negCLIPLoss τ. Default: 1/logit_scale recorded in the store, else {DEFAULT_TAU}.",
 )
-@click.option("--batch-size", type=int, default=32768, show_default=True, help="negclip B.")
-@click.option("--k", type=int, default=10, show_default=True, help="negclip batchings K.")
 @click.option(
-    "--window", type=int, default=1_048_576, show_default=True, help="Min rows per window."
+    "--batch-size",
+    type=int,
+    default=default(ScoreConfig, "batch_size"),
+    show_default=True,
+    help="negclip B.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--img-key", default="img", show_default=True, help="npz key of image embeddings.")
-@click.option("--txt-key", default="txt", show_default=True, help="npz key of text embeddings.")
+@click.option(
+    "--k", type=int, default=default(ScoreConfig, "k"), show_default=True, help="negclip K."
+)
+@click.option(
+    "--window",
+    type=int,
+    default=default(ScoreConfig, "window"),
+    show_default=True,
+    help="Min rows per window.",
+)
+@click.option("--seed", type=int, default=default(ScoreConfig, "seed"), show_default=True)
+@click.option(
+    "--img-key",
+    default=default(ScoreConfig, "img_key"),
+    show_default=True,
+    help="npz key of image embeddings.",
+)
+@click.option(
+    "--txt-key",
+    default=default(ScoreConfig, "txt_key"),
+    show_default=True,
+    help="npz key of text embeddings.",
+)
 @click.option(
     "--normsim-index",
-    type=click.Choice(["flat", "ivf", "hnsw"]),
-    default="flat",
+    type=click.Choice(INDEX_KINDS),
+    default=default(ScoreConfig, "normsim_index"),
     show_default=True,
     help="FAISS index for normsim_inf; ivf/hnsw are approximate and report their recall.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--device", default=default(ScoreConfig, "device"), show_default=True, help="auto, cpu, cuda."
+)
 @click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
 @executor_options
-def score(
-    store,
-    out,
-    metrics,
-    targets,
-    ps,
-    temperature,
-    batch_size,
-    k,
-    window,
-    seed,
-    img_key,
-    txt_key,
-    normsim_index,
-    device,
-    json_path,
-    executor,
-) -> None:
+def score(store, out, json_path, executor, **options) -> None:
     """Score every pair of an embedding store into <stem>.scores.parquet sidecars."""
-    cfg = make_config(
-        store,
-        out,
-        metrics=metrics,
-        ps=ps,
-        targets=targets,
-        temperature=temperature,
-        batch_size=batch_size,
-        k=k,
-        window=window,
-        seed=seed,
-        img_key=img_key,
-        txt_key=txt_key,
-        normsim_index=normsim_index,
-        device=device,
-    )
-    summary = run_score(cfg, executor)
+    summary = run_score(store, out, ScoreConfig(**options), executor)
     extra = {
         "windows": f"{summary['windows']} ({summary['stems']} stems)",
         "metrics": ", ".join(summary["metrics"]),
     }
-    if "negclip" in cfg.columns:
+    if "negclip" in summary["metrics"]:
         extra["negclip"] = (
-            f"τ={cfg.tau:g} ({cfg.tau_source}), B={cfg.batch_size}, K={cfg.k}, "
-            f"window={cfg.window}, seed={cfg.seed}"
+            f"τ={summary['tau']:g} ({summary['tau_source']}), B={summary['batch_size']}, "
+            f"K={summary['k']}, window={summary['window']}, seed={summary['seed']}"
         )
-    if cfg.target_shape:
+    if "target" in summary:
+        rows, dim = summary["target"]["shape"]
+        extra["target"] = f"{rows} x {dim}, index {summary['normsim_index']}"
         recall = summary.get("normsim_inf_recall_min")
-        extra["target"] = f"{cfg.target_shape[0]} x {cfg.target_shape[1]}, index {normsim_index}"
         if recall is not None:
             extra["target"] += f", normsim_inf recall@1 >= {recall:.4f} (sampled per window)"
     extra["sidecars"] = out

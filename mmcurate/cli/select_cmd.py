@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from mmcurate.cli.common import executor_options, finish, print_summary
-from mmcurate.curate.reshard import reshard
-from mmcurate.curate.select import DEFAULT_RECIPE, select, write_subset
+from mmcurate.cli.common import default, executor_options, finish, print_summary
+from mmcurate.curate.reshard import ReshardConfig, reshard
+from mmcurate.curate.select import DEFAULT_RECIPE, SelectConfig, run_select
 from mmcurate.data.atomic import write_json_atomic
+from mmcurate.data.subset import record_path
 
 
 def _stage_line(stage: dict) -> str:
@@ -23,7 +24,6 @@ def _stage_line(stage: dict) -> str:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="subset.npy to write.")
 @click.option(
     "--keep",
-    "rules",
     multiple=True,
     help="metric:FRACTION (of the whole pool), metric>=X, metric<=X, or normsim_d:FRACTION; "
     f"in order. Default: {' then '.join(DEFAULT_RECIPE)}.",
@@ -31,25 +31,29 @@ def _stage_line(stage: dict) -> str:
 @click.option("--union", multiple=True, type=click.Path(), help="Add a subset file (repeatable).")
 @click.option("--intersect", multiple=True, type=click.Path(), help="Intersect with a subset file.")
 @click.option("--store", type=click.Path(), default=None, help="Embedding store (normsim_d).")
-@click.option("--normsim-d-iters", type=int, default=500, show_default=True)
-@click.option("--img-key", default="img", show_default=True, help="Image array in the store.")
-@click.option("--seed", type=int, default=0, show_default=True, help="NormSim-D sampling seed.")
+@click.option(
+    "--normsim-d-iters",
+    type=int,
+    default=default(SelectConfig, "normsim_d_iters"),
+    show_default=True,
+)
+@click.option(
+    "--img-key",
+    default=default(SelectConfig, "img_key"),
+    show_default=True,
+    help="Image array in the store.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=default(SelectConfig, "seed"),
+    show_default=True,
+    help="NormSim-D sampling seed.",
+)
 @click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
-def select_cmd(
-    scores, out, rules, union, intersect, store, normsim_d_iters, img_key, seed, json_path
-) -> None:
+def select_cmd(scores, out, json_path, **options) -> None:
     """Keep the best pairs of a scored pool: chained --keep stages, then --union/--intersect."""
-    subset, report = select(
-        scores,
-        rules,
-        union=union,
-        intersect=intersect,
-        store=store,
-        img_key=img_key,
-        normsim_d_iters=normsim_d_iters,
-        seed=seed,
-    )
-    record = write_subset(out, subset, report)
+    report = run_select(scores, out, SelectConfig(**options))
     if scores is not None:
         click.echo(
             f"\nmmcurate select: pool {report['pool']} rows in {report['sidecars']} sidecars"
@@ -64,21 +68,23 @@ def select_cmd(
         click.echo(f"  union {entry['path']} ({entry['count']} uids)")
     for entry in report["intersect"]:
         click.echo(f"  intersect {entry['path']} ({entry['count']} uids)")
-    click.echo(f"  subset: {report['count']} uids -> {out} (record: {record})")
+    click.echo(f"  subset: {report['count']} uids -> {out} (record: {record_path(out)})")
     if json_path:
-        write_json_atomic(json_path, {**report, "subset": str(out)})
+        write_json_atomic(json_path, report)
 
 
 @click.command("reshard")
 @click.argument("src", nargs=-1, required=True)
 @click.option("--subset", required=True, type=click.Path(), help="subset.npy ((u8, u8) uids).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--shard-size", type=int, default=10000, show_default=True)
+@click.option(
+    "--shard-size", type=int, default=default(ReshardConfig, "shard_size"), show_default=True
+)
 @click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
 @executor_options
 def reshard_cmd(src, subset, out, shard_size, json_path, executor) -> None:
     """Write webdataset shards holding exactly the subset's samples, each once."""
-    summary = reshard(src, subset, out, shard_size, executor)
+    summary = reshard(src, subset, out, ReshardConfig(shard_size), executor)
     dups = summary["duplicates_within_shards"] + summary["duplicates_across_shards"]
     missing = summary["not_found"]
     lines = {

@@ -6,18 +6,25 @@ Names are imported on first use, so `select` never loads the embedding-store cod
 from importlib import import_module
 
 _HOMES = {
-    "MaxAbsIndex": "scores",
-    "clipscore": "scores",
-    "gram": "scores",
-    "negclip_batchings": "scores",
-    "negclip_scores": "scores",
-    "normsim_2": "scores",
-    "normsim_d_keep": "scores",
-    "normsim_inf_exact": "scores",
-    "normsim_p": "scores",
-    "load_subset": "select",
-    "write_subset": "select",
-    "load_target": "targets",
+    "MaxAbsIndex": "curate.normsim",
+    "clipscore": "curate.scores",
+    "gram": "curate.normsim",
+    "negclip_batchings": "curate.scores",
+    "negclip_scores": "curate.scores",
+    "normsim_2": "curate.normsim",
+    "normsim_d_keep": "curate.normsim",
+    "normsim_inf_exact": "curate.normsim",
+    "normsim_p": "curate.normsim",
+    "ScoreConfig": "curate.score_config",
+    "run_score": "curate.score_stage",
+    "SelectConfig": "curate.select",
+    "run_select": "curate.select",
+    "select": "curate.select",
+    "ReshardConfig": "curate.reshard",
+    "reshard": "curate.reshard",
+    "load_target": "curate.targets",
+    "load_subset": "data.subset",
+    "write_subset": "data.subset",
 }
 
 __all__ = sorted(_HOMES)
@@ -27,4 +34,4 @@ def __getattr__(name: str):
     """Import `name` from its module the first time it is asked for."""
     if name not in _HOMES:
         raise AttributeError(f"module 'mmcurate.curate' has no attribute {name!r}")
-    return getattr(import_module(f"mmcurate.curate.{_HOMES[name]}"), name)
+    return getattr(import_module(f"mmcurate.{_HOMES[name]}"), name)

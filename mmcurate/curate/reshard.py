@@ -9,8 +9,8 @@ when `reshard.json` records the same subset, sources and shard size as complete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import io
 import json
 import os
 import re
@@ -19,21 +19,24 @@ import sys
 import tarfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmcurate.curate.select import (
+from mmcurate.data.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
+from mmcurate.data.shard_writer import shard_writer
+from mmcurate.data.shards import ShardItem, iter_samples, shard_items
+from mmcurate.data.subset import load_subset
+from mmcurate.data.uid import (
+    UID_DTYPE,
     difference_pairs,
     first_occurrence,
-    load_subset,
     sort_unique_pairs,
     uid_examples,
 )
-from mmcurate.data.atomic import atomic_path, save_npy_atomic, save_npz_atomic, write_json_atomic
-from mmcurate.data.uid import UID_DTYPE
-from mmcurate.engine import Executor, make_executor, run_stage, summarise
+from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import UsageError
 
 PARTS = ".parts"
@@ -42,20 +45,25 @@ NOT_FOUND = "not_found.npy"
 _SHARD_NAME = re.compile(r"^[0-9]{5,}\.tar$")
 
 
+@dataclass(frozen=True)
+class ReshardConfig:
+    """Options of `mmcurate reshard`: samples per output shard."""
+
+    shard_size: int = 10000
+
+
+@dataclass(frozen=True)
+class PartJob:
+    """What every filtering task shares: where parts go, the subset copy and its fingerprint."""
+
+    parts: str
+    subset: str
+    fingerprint: str
+
+
 def subset_fingerprint(subset: np.ndarray) -> str:
     """A digest of a normalised subset, so parts made for another subset are never reused."""
     return hashlib.blake2b(np.ascontiguousarray(subset).view(np.uint8), digest_size=16).hexdigest()
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add a file with fixed metadata, so equal content gives equal tar bytes."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _in_subset(subset: np.ndarray, uid: str) -> bool:
@@ -73,20 +81,17 @@ def _part_paths(parts: Path, stem: str) -> dict[str, Path]:
     }
 
 
-def filter_shard(item: dict) -> dict:
+def filter_shard(job: PartJob, item: ShardItem) -> dict:
     """Engine work item: copy one source shard's subset samples (first occurrence) into a part."""
-    from mmcurate.data.shards import iter_samples
-
-    stem = item["name"]
-    paths = _part_paths(Path(item["parts"]), stem)
-    subset = np.load(item["subset"], mmap_mode="r", allow_pickle=False)
+    paths = _part_paths(Path(job.parts), item.name)
+    subset = np.load(job.subset, mmap_mode="r", allow_pickle=False)
     uids: list[str] = []
     keys: list[str] = []
     members: list[int] = []
     seen: set[str] = set()
     read = duplicates = 0
-    with atomic_path(paths["tar"]) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for sample in iter_samples(item["url"]):
+    with shard_writer(paths["tar"]) as write:
+        for sample in iter_samples(item.url):
             read += 1
             uid = sample["uid"]
             if not _in_subset(subset, uid):
@@ -95,8 +100,7 @@ def filter_shard(item: dict) -> dict:
                 duplicates += 1
                 continue
             seen.add(uid)
-            for ext, data in sample["files"].items():
-                _add_member(tar, f"{sample['key']}.{ext}", data)
+            write(sample["key"], sample["files"])
             uids.append(uid)
             keys.append(sample["key"])
             members.append(len(sample["files"]))
@@ -112,23 +116,21 @@ def filter_shard(item: dict) -> dict:
         },
     )
     stats = {"rows": len(uids), "read": read, "duplicates": duplicates}
-    write_json_atomic(
-        paths["done"], {**stats, "url": item["url"], "fingerprint": item["fingerprint"]}
-    )
+    write_json_atomic(paths["done"], {**stats, "url": item.url, "fingerprint": job.fingerprint})
     return stats
 
 
-def part_is_done(item: dict) -> bool:
+def part_is_done(job: PartJob, item: ShardItem) -> bool:
     """A part is reusable when its marker names the same source and subset."""
-    paths = _part_paths(Path(item["parts"]), item["name"])
+    paths = _part_paths(Path(job.parts), item.name)
     try:
         done = json.loads(paths["done"].read_text())
     except (OSError, ValueError):
         return False
     return (
         isinstance(done, dict)
-        and done.get("url") == item["url"]
-        and done.get("fingerprint") == item["fingerprint"]
+        and done.get("url") == item.url
+        and done.get("fingerprint") == job.fingerprint
         and paths["tar"].is_file()
         and paths["index"].is_file()
     )
@@ -161,22 +163,19 @@ def _write_shards(
     names: list[str] = []
     written = renamed = 0
     stack: ExitStack | None = None
-    tar: tarfile.TarFile | None = None
     used: set[str] = set()
     try:
         for key, uid, files in samples:
             if stack is None:
                 stack = ExitStack()
                 name = f"{len(names):05d}.tar"
-                tmp = stack.enter_context(atomic_path(out / name))
-                tar = stack.enter_context(tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT))
+                write = stack.enter_context(shard_writer(out / name))
                 used = set()
             if key in used:
                 key = f"{key}_{uid}"
                 renamed += 1
             used.add(key)
-            for ext, data in files:
-                _add_member(tar, f"{key}.{ext}", data)
+            write(key, dict(files))
             written += 1
             if written % shard_size == 0:
                 stack.close()
@@ -229,19 +228,18 @@ def reshard(
     sources: Sequence[str],
     subset: str | os.PathLike,
     out_dir: str | os.PathLike,
-    shard_size: int = 10000,
-    executor: Executor | None = None,
+    config: ReshardConfig,
+    executor: Executor,
 ) -> dict[str, Any]:
     """Write the subset's samples from the source shards into out_dir; returns the summary."""
-    from mmcurate.data.shards import check_unique_stems, expand_sources
-
+    shard_size = config.shard_size
     if shard_size < 1:
         raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
-    urls = expand_sources(sources)
-    for url in urls:
-        if "://" not in url and os.path.isdir(url):
-            raise UsageError(f"reshard reads webdataset tars; {url} is a directory")
-    stems = check_unique_stems(urls)
+    items = shard_items(sources)
+    for item in items:
+        if "://" not in item.url and os.path.isdir(item.url):
+            raise UsageError(f"reshard reads webdataset tars; {item.url} is a directory")
+    urls = [item.url for item in items]
     wanted = load_subset(subset)
     fingerprint = subset_fingerprint(wanted)
     out = Path(out_dir)
@@ -258,28 +256,18 @@ def reshard(
     ):
         return {**previous, "already_complete": True}
 
-    subset_copy = parts / "subset.npy"
-    save_npy_atomic(subset_copy, wanted)
-    items = [
-        {
-            "name": stem,
-            "url": url,
-            "parts": str(parts),
-            "subset": str(subset_copy),
-            "fingerprint": fingerprint,
-        }
-        for stem, url in zip(stems, urls)
-    ]
+    job = PartJob(str(parts), str(parts / "subset.npy"), fingerprint)
+    save_npy_atomic(job.subset, wanted)
     outcomes, skipped = run_stage(
-        executor or make_executor("local", 1),
-        filter_shard,
+        executor,
+        functools.partial(filter_shard, job),
         items,
-        is_done=part_is_done,
+        is_done=functools.partial(part_is_done, job),
         desc="reshard: filtering shards",
         count_key="read",
     )
     stage = summarise(outcomes, skipped)
-    finished = [it["name"] for it in items if part_is_done(it)]
+    finished = [it.name for it in items if part_is_done(job, it)]
     names, pack_stats, found = pack_parts(parts, finished, out, shard_size)
     missing = difference_pairs(wanted, found)
     markers = [json.loads(_part_paths(parts, s)["done"].read_text()) for s in finished]

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from mmcurate.data import IMG_KEY
 from mmcurate.data.store import finished_stems, read_arrays
 from mmcurate.errors import MmcurateError, UsageError
 
 PT_KEYS = ("image_features",)
+_CACHE: dict[tuple, Any] = {}
 
 
 def _from_store(path: Path, img_key: str) -> np.ndarray:
@@ -68,7 +71,7 @@ def _load_one(path: Path, img_key: str) -> np.ndarray:
 
 
 def load_target(
-    paths: str | os.PathLike | Sequence[str | os.PathLike], img_key: str = "img"
+    paths: str | os.PathLike | Sequence[str | os.PathLike], img_key: str = IMG_KEY
 ) -> np.ndarray:
     """The L2-normalised target matrix T (n, d) float32; several paths are concatenated."""
     items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
@@ -92,3 +95,31 @@ def load_target(
     targets = np.ascontiguousarray(targets, dtype=np.float32)
     targets /= norms
     return targets
+
+
+def _file_state(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path,)
+    return (path, st.st_mtime_ns, st.st_size)
+
+
+def cached_target(paths: Sequence[str], img_key: str) -> np.ndarray:
+    """The loaded target matrix, cached per process (one target set, keyed by its files' state)."""
+    key = ("T", tuple(_file_state(p) for p in paths), img_key)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = load_target(paths, img_key)
+    return _CACHE[key]
+
+
+def cached_derived(
+    paths: Sequence[str], img_key: str, name: str, build: Callable[[np.ndarray], Any]
+) -> Any:
+    """What `build` makes from the cached target (a Gram matrix, an index), once per process."""
+    targets = cached_target(paths, img_key)
+    key = (name, tuple(_file_state(p) for p in paths), img_key)
+    if key not in _CACHE:
+        _CACHE[key] = build(targets)
+    return _CACHE[key]

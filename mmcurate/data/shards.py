@@ -8,6 +8,7 @@ import os
 import re
 import tarfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmcurate.data.uid import sample_uid
@@ -17,6 +18,14 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_FILE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTS)
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _BLOCK = 512
+
+
+@dataclass(frozen=True)
+class ShardItem:
+    """A per-shard work item: the shard's stem and where to read it."""
+
+    name: str
+    url: str
 
 
 def _is_url(src: str) -> bool:
@@ -48,6 +57,12 @@ def shard_stem(url: str) -> str:
     """A shard's file name without `.tar` (a folder's name for an image folder)."""
     name = url.rstrip("/").rsplit("/", 1)[-1]
     return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
+def shard_items(sources: Sequence[str]) -> list[ShardItem]:
+    """One work item per shard of the sources, refused up front when two share a stem."""
+    urls = expand_sources(sources)
+    return [ShardItem(stem, url) for stem, url in zip(check_unique_stems(urls), urls)]
 
 
 def check_unique_stems(urls: Sequence[str]) -> list[str]:

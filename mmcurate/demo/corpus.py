@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mmcurate.data.shard_writer import write_shard
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -129,25 +130,6 @@ def encode_image(pixels: np.ndarray, fmt: str = "jpeg") -> bytes:
     return buf.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_tar(path: str | os.PathLike, samples: Iterable[tuple[str, dict[str, bytes]]]) -> Path:
-    """Write a webdataset tar from (key, {ext: bytes}) samples, deterministically (mtime 0)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                _add_member(tar, f"{key}.{ext}", data)
-    return path
-
-
 def pair_files(image: np.ndarray, caption: str, meta: dict, fmt: str = "jpg") -> dict[str, bytes]:
     """The webdataset members of one pair: image, caption text and json metadata."""
     return {
@@ -181,5 +163,5 @@ def generate_corpus(
             )
             for i in rows
         ]
-        paths.append(write_tar(Path(out_dir) / f"{s:05d}.tar", samples))
+        paths.append(write_shard(Path(out_dir) / f"{s:05d}.tar", samples))
     return paths

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from mmcurate.data.atomic import write_json_atomic
+from mmcurate.data.shard_writer import write_shard
 from mmcurate.demo.corpus import (
     COLOURS,
     Concept,
@@ -35,7 +36,6 @@ from mmcurate.demo.corpus import (
     pair_files,
     random_concept,
     render,
-    write_tar,
 )
 from mmcurate.errors import UsageError
 
@@ -205,7 +205,7 @@ def write_pool(out_dir: Path, sizes: DemoSizes, seed: int) -> list[dict]:
                 "ground_truth": {k: row[k] for k in ("fault", "noise", "dup_group", "dup_copy")},
             }
             samples.append((f"{i:09d}", pair_files(image, record["caption"], meta)))
-        write_tar(out_dir / f"{s:05d}.tar", samples)
+        write_shard(out_dir / f"{s:05d}.tar", samples)
     return truth
 
 
@@ -221,7 +221,7 @@ def write_target(out_dir: Path, sizes: DemoSizes, seed: int) -> None:
             "json": json.dumps(meta, sort_keys=True).encode(),
         }
         samples.append((f"{i:09d}", files))
-    write_tar(out_dir / "00000.tar", samples)
+    write_shard(out_dir / "00000.tar", samples)
 
 
 def write_test(out_dir: Path, sizes: DemoSizes, seed: int) -> None:
@@ -233,7 +233,7 @@ def write_test(out_dir: Path, sizes: DemoSizes, seed: int) -> None:
         meta = {"uid": demo_uid(seed, "test", i), "concept": asdict(concept)}
         image = render(concept, rng, sizes.image_size)
         samples.append((f"{i:09d}", pair_files(image, describe(concept, rng), meta)))
-    write_tar(out_dir / "00000.tar", samples)
+    write_shard(out_dir / "00000.tar", samples)
 
 
 def write_demo_corpus(out_dir: str | os.PathLike, sizes: DemoSizes, seed: int) -> dict:

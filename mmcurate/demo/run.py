@@ -19,16 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from mmcurate.data.atomic import write_bytes_atomic, write_json_atomic
 from mmcurate.demo.faults import DemoSizes, corpus_paths, make_teacher_split, write_demo_corpus
+from mmcurate.demo.measure import KEEP, measure
 from mmcurate.demo.teacher import TeacherConfig, save_teacher, teacher_spec, train_teacher
-from mmcurate.errors import UsageError
 
 DATA_VERSION = 2  # bump when the corpus or teacher code changes, so old demo data is remade
-TAU_SWEEP = (0.01, None, 0.1, 1.0)
-KEEP = ("negclip:0.3", "normsim_inf:0.2")
 STUDENT = {"image_encoder": "convnet-tiny", "text_encoder": "hf-text:mmc-tiny-bert"}
 
 
@@ -172,148 +169,6 @@ def write_toml(path: Path, config: dict[str, Any]) -> None:
     write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
-# ----------------------------------------------------------------------------- measuring
-
-
-def _pool_table(run: Path, truth: dict) -> dict[str, np.ndarray]:
-    """Score columns of every pool pair, joined to its ground truth by uid."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(p) for p in sorted((run / "score").glob("*.scores.parquet"))]
-    scores = pa.concat_tables(tables)
-    uids = scores.column("uid").to_pylist()
-    rows = [truth[u] for u in uids]
-    return {
-        "uid": np.array(uids),
-        "fault": np.array([r["fault"] for r in rows]),
-        "relevant": np.array([r["target_relevant"] for r in rows], dtype=bool),
-        **{
-            name: scores.column(name).to_numpy().astype(np.float64)
-            for name in ("clipscore", "negclip", "normsim_inf")
-        },
-    }
-
-
-def _member(uids: np.ndarray, subset: np.ndarray) -> np.ndarray:
-    """Which pool rows (unique uids) are in a subset."""
-    from mmcurate.curate.select import member_mask
-    from mmcurate.data.uid import uid_pairs
-
-    return member_mask(uid_pairs(list(uids)), subset)
-
-
-def _subset_after(scores_dir: Path, rules: list[str]) -> np.ndarray:
-    from mmcurate.curate.select import select
-
-    subset, _ = select(str(scores_dir), rules, progress=False)
-    return subset
-
-
-def tau_sweep(run: Path, table: dict, teacher_tau: float, batch: int, k: int, seed: int) -> list:
-    """negclip's noise-detection AUROC at each τ of the sweep, from the stored embeddings."""
-    from mmcurate.curate.scores import negclip_scores
-    from mmcurate.data.store import finished_stems, read_stem
-    from mmcurate.metrics.auroc import detection_auroc
-    from mmcurate.metrics.report import fault_aurocs, noise_mask
-
-    store = run / "embed" / "store"
-    uids, imgs, txts = [], [], []
-    for stem in finished_stems(store):
-        meta, arrays = read_stem(store, stem, ["img", "txt"])
-        uids += meta.column("uid").to_pylist()
-        imgs.append(np.asarray(arrays["img"], dtype=np.float32))
-        txts.append(np.asarray(arrays["txt"], dtype=np.float32))
-    if uids != table["uid"].tolist():
-        raise UsageError("the demo store and its score sidecars disagree on the pool's rows")
-    img, txt = np.concatenate(imgs), np.concatenate(txts)
-    rows, noise = noise_mask(table["fault"])
-    sweep = []
-    for tau in TAU_SWEEP:
-        label = f"{tau:g}" if tau is not None else f"teacher ({teacher_tau:.3g})"
-        value = float(tau if tau is not None else teacher_tau)
-        scores = negclip_scores(img, txt, tau=value, batch_size=batch, k=k, seed=(seed, 0))
-        sweep.append(
-            {
-                "tau": value,
-                "label": label,
-                "auroc": detection_auroc(scores[rows], noise[rows]),
-                "by_fault": fault_aurocs(scores, table["fault"]),
-            }
-        )
-    return sweep
-
-
-def _distilled_view(run: Path) -> dict | None:
-    import torch
-
-    from mmcurate.distill.distiller import load_artifact
-    from mmcurate.distill.students import denormalize_images
-
-    path = run / "distill" / "distilled.pt"
-    captions_path = run / "distill" / "export" / "captions.json"
-    if not path.is_file() or not captions_path.is_file():
-        return None
-    art = load_artifact(path)
-    cfg = art["config"]
-    pixels = denormalize_images(art["images"].float(), cfg["mean"], cfg["std"])
-    images = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    rows = json.loads(captions_path.read_text())
-    return {"images": images, "captions": [(r["caption"], r["cosine"]) for r in rows]}
-
-
-def _retrieval(run: Path) -> dict:
-    out = {}
-    for name in ("distilled", "random", "full"):
-        path = run / "evaluate" / f"{name}.json"
-        if path.is_file():
-            entry = json.loads(path.read_text())
-            out[name] = {k: v for k, v in entry.items() if k not in ("runs",)}
-    return out
-
-
-def measure(root: Path, data: dict, plan: DemoPlan, seed: int, pipeline_report: dict) -> dict:
-    """Everything the report shows, computed from the run's files and the ground truth."""
-    from mmcurate.curate.select import load_subset
-    from mmcurate.metrics.overlap import overlap
-    from mmcurate.metrics.report import analyse
-
-    run = root / "run"
-    truth = {r["uid"]: r for r in json.loads(Path(data["ground_truth"]).read_text())["samples"]}
-    table = _pool_table(run, truth)
-    score_summary = pipeline_report["score"]["summary"] or {}
-    tau = float(score_summary.get("tau") or data["teacher_stats"]["tau"])
-    final = load_subset(run / "select" / "subset.npy")
-    after_negclip = _subset_after(run / "score", [KEEP[0]])
-    by_clipscore = _subset_after(run / "score", ["clipscore:0.3"])
-    selected = _member(table["uid"], final)
-    analysis = analyse(
-        {"clipscore": table["clipscore"], "negclip": table["negclip"]},
-        table["fault"],
-        selected,
-        relevant=table["relevant"],
-        normsim=table["normsim_inf"],
-        stage_masks={
-            "after negclip:0.3": _member(table["uid"], after_negclip),
-            "final subset": selected,
-            "clipscore:0.3 (comparison)": _member(table["uid"], by_clipscore),
-        },
-    )
-    sweep = tau_sweep(run, table, tau, plan.negclip_batch, plan.negclip_k, seed)
-    return {
-        "table": table,
-        "analysis": analysis,
-        "tau": tau,
-        "tau_sweep": sweep,
-        "overlap": {
-            "negclip:0.3 vs clipscore:0.3": overlap(after_negclip, by_clipscore),
-            "final subset vs negclip:0.3": overlap(final, after_negclip),
-        },
-        "distilled": _distilled_view(run),
-        "retrieval": _retrieval(run),
-    }
-
-
 def build_summary(measured: dict, data: dict, plan: DemoPlan, seed: int, extra: dict) -> dict:
     """summary.json: AUROCs, the τ sweep, target relevance, retrieval, and how it was run."""
     a = measured["analysis"]
@@ -346,8 +201,8 @@ def run_demo(
     command: str = "mmcurate demo",
 ) -> dict:
     """Run the demo into OUT; returns summary.json's content (also written, with the report)."""
-    from mmcurate.engine.pipeline import plan_from_dict, run_pipeline
-    from mmcurate.metrics.report import render_report
+    from mmcurate.demo.report import render_report
+    from mmcurate.pipeline import plan_from_dict, run_pipeline
 
     began = time.perf_counter()
     root = Path(out).resolve()
@@ -360,7 +215,7 @@ def run_demo(
     pipeline_began = time.perf_counter()
     report = run_pipeline(plan_from_dict(config, config_path), progress=progress, echo=echo)
     pipeline_seconds = time.perf_counter() - pipeline_began
-    measured = measure(root, data, plan, seed, report)
+    measured = measure(root, data, (plan.negclip_batch, plan.negclip_k), seed, report)
     details = {
         "command": command,
         "seed": seed,

@@ -21,6 +21,7 @@ from mmcurate.data.atomic import torch_save_atomic, write_json_atomic
 from mmcurate.data.store import read_done
 from mmcurate.distill.data import PairSet, from_cache, memory_stem, prepare_pairs, save_pairs
 from mmcurate.distill.losses import symmetric_ce
+from mmcurate.distill.sources import absolute_data
 from mmcurate.distill.students import (
     IMAGE_MEAN,
     IMAGE_STD,
@@ -58,6 +59,14 @@ class BufferConfig:
         if self.image_size < 8:
             raise UsageError(f"--image-size must be >= 8, got {self.image_size}")
         return self
+
+
+@dataclass(frozen=True)
+class ExpertItem:
+    """A buffer work item: expert `index`, named after its file."""
+
+    name: str
+    index: int
 
 
 def derive_seed(seed: int, *path: int) -> int:
@@ -132,14 +141,21 @@ def _dims(config: BufferConfig, text_dim: int) -> dict:
 
 
 def train_expert(
-    item: dict, *, cache_dir: str, stem: str, config: dict, dims: dict, out_dir: str, device: str
+    item: ExpertItem,
+    *,
+    cache_dir: str,
+    stem: str,
+    config: dict,
+    dims: dict,
+    out_dir: str,
+    device: str,
 ) -> dict:
     """Work item: train one expert from the memory-mapped data cache and save its file."""
     from mmcurate.embed import resolve_device
 
     cfg = BufferConfig(**config)
     pairs = from_cache(cache_dir, stem)
-    index = int(item["index"])
+    index = item.index
     traj_img, traj_txt = expert_trajectory(pairs, cfg, index, resolve_device(device))
     payload = {"image": traj_img, "text": traj_txt, "meta": expert_meta(cfg, pairs, index, dims)}
     torch_save_atomic(payload, expert_path(out_dir, index))
@@ -207,6 +223,7 @@ def make_buffers(
         if read_done(cache, stem) is None:
             save_pairs(data, cache, stem)
     else:
+        data = absolute_data(str(data))
         stem = prepare_pairs(
             data,
             image_size=config.image_size,
@@ -225,7 +242,7 @@ def make_buffers(
     )
     expected = {**asdict(config), **dims, "version": FORMAT_VERSION, "text_dim": pairs.text_dim}
     expected.pop("experts")
-    items = [{"name": expert_path(out, i).stem, "index": i} for i in range(config.experts)]
+    items = [ExpertItem(expert_path(out, i).stem, i) for i in range(config.experts)]
     fn = functools.partial(
         train_expert,
         cache_dir=str(cache),
@@ -239,12 +256,19 @@ def make_buffers(
         executor,
         fn,
         items,
-        is_done=lambda it: _expert_complete(expert_path(out, it["index"]), expected),
+        is_done=lambda it: _expert_complete(expert_path(out, it.index), expected),
         desc="experts",
         count_key="rows",
     )
     summary = summarise(outcomes, skipped)
-    summary.update({"pairs": pairs.n_pairs, "images": pairs.n_images, **dims})
+    summary.update(
+        {
+            "pairs": pairs.n_pairs,
+            "images": pairs.n_images,
+            "image_encoder": config.image_encoder,
+            **dims,
+        }
+    )
     return summary
 
 

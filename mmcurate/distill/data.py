@@ -11,18 +11,15 @@ workers then memory-map the cache.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
 import re
 import string
 import time
-import warnings
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +28,7 @@ from tqdm import tqdm
 from mmcurate.data.atomic import save_npy_atomic
 from mmcurate.data.store import read_done, read_stem, write_stem
 from mmcurate.data.uid import sample_uid
+from mmcurate.distill.sources import RawPairs, is_json, read_json, read_shards, shard_urls
 from mmcurate.errors import MmcurateError, ShardError, UsageError
 
 MAX_CAPTION_WORDS = 30
@@ -83,173 +81,6 @@ class PairSet:
         return torch.from_numpy(np.ascontiguousarray(self.images[rows]))
 
 
-def _resize_square(im, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (bicubic) and centre-crop to a square; uint8 HWC."""
-    from PIL import Image
-
-    im = im.convert("RGB")
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
-def decode_bytes(data: bytes, size: int) -> np.ndarray:
-    """Decode image bytes fully and bring them to size×size."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return _resize_square(im, size)
-
-
-def _decode_file(path: Path, size: int) -> np.ndarray | None:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return _resize_square(im, size)
-    except Exception:
-        return None
-
-
-@dataclass
-class _Raw:
-    """Pairs read from a source before text encoding."""
-
-    images: list[np.ndarray]
-    image_index: list[int]
-    captions: list[str]
-    uids: list[str]
-    keys: list[str]
-    urls: list[str | None]
-    shards: list[str]
-    skipped: Counter
-
-
-def _is_json(data: str) -> bool:
-    return data.endswith(".json") and os.path.isfile(data)
-
-
-def _image_root(json_path: Path, entries: list[dict], image_root: str | None) -> Path:
-    """Where the JSON's relative image paths live: --image-root, or the JSON's dir or parent."""
-    if image_root:
-        root = Path(image_root)
-        if not root.is_dir():
-            raise UsageError(f"image root not found: {root}")
-        return root
-    first = str(entries[0]["image"])
-    for root in (json_path.parent, json_path.parent.parent):
-        if (root / first).is_file():
-            return root
-    raise UsageError(
-        f"cannot find image {first!r} of {json_path.name} next to it or in its parent "
-        "directory; pass --image-root DIR"
-    )
-
-
-def _read_json_entries(path: Path) -> list[dict]:
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read Karpathy-split JSON {path}: {exc}") from None
-    if not isinstance(entries, list) or not entries:
-        raise UsageError(f"{path}: expected a non-empty list of {{image, caption}} entries")
-    for entry in entries[:1]:
-        if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
-            raise UsageError(f"{path}: entries need 'image' and 'caption' fields")
-    return entries
-
-
-def _read_json(path: Path, size: int, image_root: str | None) -> _Raw:
-    """Karpathy JSON: train entries hold one caption, val/test entries a list of captions."""
-    entries = _read_json_entries(path)
-    root = _image_root(path, entries, image_root)
-    order: dict[str, list[tuple[str, int]]] = {}
-    for entry in entries:
-        caps = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-        slot = order.setdefault(str(entry["image"]), [])
-        base = len(slot)
-        slot.extend((str(c), base + j) for j, c in enumerate(caps))
-    names = list(order)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        decoded = list(
-            tqdm(
-                pool.map(lambda n: _decode_file(root / n, size), names),
-                total=len(names),
-                desc=f"decode {path.name}",
-                unit="img",
-            )
-        )
-    raw = _Raw([], [], [], [], [], [], [], Counter())
-    for name, pixels in zip(names, decoded, strict=True):
-        if pixels is None:
-            raw.skipped["undecodable image"] += len(order[name])
-            continue
-        kept = [(c, j) for c, j in order[name] if c.strip()]
-        if len(kept) < len(order[name]):
-            raw.skipped["missing caption"] += len(order[name]) - len(kept)
-        if not kept:
-            continue
-        for caption, j in kept:
-            key = f"{name}#{j}"
-            raw.image_index.append(len(raw.images))
-            raw.captions.append(caption)
-            raw.keys.append(key)
-            raw.uids.append(sample_uid(path.stem, key))
-            raw.urls.append(None)
-            raw.shards.append(path.stem)
-        raw.images.append(pixels)
-    return raw
-
-
-def _read_shards(urls: Sequence[str], size: int) -> _Raw:
-    """webdataset shards: one pair per sample; a broken shard is left out with a warning."""
-    from mmcurate.data.shards import iter_samples, shard_stem
-
-    raw = _Raw([], [], [], [], [], [], [], Counter())
-    for url in tqdm(urls, desc="read shards", unit="shard"):
-        stem = shard_stem(url)
-        rows: list[tuple] = []
-        seen: set[str] = set()
-        try:
-            for sample in iter_samples(url):
-                caption = (sample["caption"] or "").strip()
-                if not sample["image"]:
-                    raw.skipped["missing image"] += 1
-                    continue
-                if not caption:
-                    raw.skipped["missing caption"] += 1
-                    continue
-                if sample["uid"] in seen:
-                    raw.skipped["duplicate uid"] += 1
-                    continue
-                try:
-                    pixels = decode_bytes(sample["image"], size)
-                except Exception:
-                    raw.skipped["undecodable image"] += 1
-                    continue
-                seen.add(sample["uid"])
-                rows.append((pixels, caption, sample["uid"], sample["key"], sample["url"]))
-        except ShardError as exc:
-            warnings.warn(f"shard left out: {exc}", stacklevel=2)
-            raw.skipped["broken shard"] += 1
-            continue
-        for pixels, caption, uid, key, url_field in rows:
-            raw.image_index.append(len(raw.images))
-            raw.images.append(pixels)
-            raw.captions.append(caption)
-            raw.uids.append(uid)
-            raw.keys.append(key)
-            raw.urls.append(url_field)
-            raw.shards.append(stem)
-    return raw
-
-
 def encode_captions(encoder, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """Cleaned captions -> float32 (n, d) CLS features of the frozen text encoder."""
     cleaned = [clean_caption(c) for c in captions]
@@ -275,21 +106,9 @@ def load_text_encoder(spec: str, device: str = "auto"):
     return encoder
 
 
-def shard_urls(data: str) -> list[str]:
-    """Shard URLs of DATA: a directory of .tar files, a glob, a brace pattern or a URL."""
-    from mmcurate.data.shards import expand_sources
-
-    if os.path.isdir(data):
-        tars = sorted(str(p) for p in Path(data).glob("*.tar"))
-        if not tars:
-            raise UsageError(f"no .tar shards in directory {data}")
-        return tars
-    return expand_sources([data])
-
-
 def _fingerprint(data: str, size: int, text_encoder: str, image_root: str | None) -> tuple:
     """A cache stem name and the list of inputs it was made from."""
-    if _is_json(data):
+    if is_json(data):
         inputs = [str(Path(data).resolve())]
         name = Path(data).stem
     else:
@@ -342,12 +161,12 @@ def prepare_pairs(
     if done is not None and (Path(cache_dir) / f"{stem}.images.npy").is_file():
         return stem
     start = time.perf_counter()
-    if _is_json(str(data)):
-        raw = _read_json(Path(data), image_size, image_root)
+    if is_json(str(data)):
+        raw = read_json(Path(data), image_size, image_root)
     elif str(data).endswith(".json"):
         raise UsageError(f"dataset JSON not found: {data}")
     else:
-        raw = _read_shards(shard_urls(str(data)), image_size)
+        raw = read_shards(shard_urls(str(data)), image_size)
     if not raw.captions:
         raise UsageError(f"no usable image-caption pairs in {data}")
     encoder = load_text_encoder(text_encoder, device)
@@ -367,7 +186,7 @@ def prepare_pairs(
 def _write_cache(
     cache_dir: str | os.PathLike,
     stem: str,
-    raw: _Raw,
+    raw: RawPairs,
     images: np.ndarray,
     texts: np.ndarray,
     stats: dict,
@@ -408,7 +227,7 @@ def memory_stem(pairs: PairSet) -> str:
 
 def save_pairs(pairs: PairSet, cache_dir: str | os.PathLike, stem: str = "memory") -> str:
     """Write an in-memory PairSet as a cache stem, so worker processes can memory-map it."""
-    raw = _Raw(
+    raw = RawPairs(
         images=[],
         image_index=[int(i) for i in pairs.image_index],
         captions=list(pairs.captions),
@@ -424,25 +243,9 @@ def save_pairs(pairs: PairSet, cache_dir: str | os.PathLike, stem: str = "memory
     return stem
 
 
-def load_pairs(
-    data: str,
-    *,
-    image_size: int,
-    text_encoder: str,
-    cache_dir: str | os.PathLike,
-    image_root: str | None = None,
-    device: str = "auto",
-) -> PairSet:
-    """DATA (Karpathy JSON or shards) as a PairSet, through the cache."""
-    stem = prepare_pairs(
-        data,
-        image_size=image_size,
-        text_encoder=text_encoder,
-        cache_dir=cache_dir,
-        image_root=image_root,
-        device=device,
-    )
-    return from_cache(cache_dir, stem)
+def load_pairs(data: str, **options: Any) -> PairSet:
+    """DATA (Karpathy JSON or shards) as a PairSet, through the cache (`prepare_pairs` options)."""
+    return from_cache(options["cache_dir"], prepare_pairs(data, **options))
 
 
 def pairs_from_arrays(

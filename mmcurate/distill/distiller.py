@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from mmcurate.data.atomic import torch_save_atomic, write_bytes_atomic, write_json_atomic
-from mmcurate.distill.buffers import Buffers, derive_seed
-from mmcurate.distill.data import PairSet
+from mmcurate.data.atomic import torch_save_atomic
+from mmcurate.distill.buffers import Buffers, derive_seed, load_buffers
+from mmcurate.distill.data import PairSet, load_pairs
+from mmcurate.distill.export import export_artifact
 from mmcurate.distill.losses import get_loss
 from mmcurate.distill.matching import MATCHERS, Segment, SyntheticSet
-from mmcurate.distill.presets import DistillConfig, config_from_dict
-from mmcurate.distill.similarity import make_similarity, similarity_from_export
-from mmcurate.distill.students import Student, build_student, denormalize_images, normalize_images
+from mmcurate.distill.presets import DistillConfig
+from mmcurate.distill.similarity import make_similarity
+from mmcurate.distill.sources import absolute_data
+from mmcurate.distill.students import Student, build_student, normalize_images
 from mmcurate.errors import MmcurateError, UsageError
 
 RESUMABLE_IGNORE = ("iterations",)
+SAVE_EVERY = 100
 
 
 def checkpoint_path(out: str | os.PathLike) -> Path:
@@ -317,93 +317,62 @@ def _check_step_sizes(syn: SyntheticSet, config: DistillConfig, it: int) -> None
             )
 
 
-def load_artifact(path: str | os.PathLike) -> dict[str, Any]:
-    """A distilled artifact, loaded with weights_only=True and checked against SPEC §8."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"distilled file not found: {path}")
-    try:
-        art = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"corrupt distilled file {path}: {reason[:200]}") from None
-    keys = {"images", "texts", "similarity", "lr_img", "lr_txt", "config", "provenance"}
-    if not isinstance(art, dict) or not keys <= set(art):
-        raise UsageError(f"{path} is not a distilled artifact (keys {sorted(keys)} expected)")
-    sim = art["similarity"]
-    if not isinstance(sim, dict) or not {"a", "L", "R", "alpha", "rank"} <= set(sim):
-        raise UsageError(f"{path}: similarity needs a, L, R, alpha and rank")
-    n = art["images"].shape[0]
-    if art["texts"].shape[0] != n or sim["a"].shape[0] != n or sim["L"].shape[0] != n:
-        raise UsageError(f"{path}: images, texts and similarity disagree on N")
-    return art
+def run_distill(
+    data: str,
+    buffers_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    config: DistillConfig,
+    *,
+    cache_dir: str | os.PathLike,
+    image_root: str | None,
+    device: str,
+    save_every: int,
+    resume: bool,
+    export_dir: str | os.PathLike | None,
+    expect: dict | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`mmcurate distill`: LoRS on DATA against the buffers, written to OUT; the end summary.
 
+    `expect` pins the buffers' image encoder, text encoder or image size; the real pairs are
+    loaded at the buffers' image size and text encoder.
+    """
+    from mmcurate.embed import resolve_device
 
-def artifact_config_of(art: dict) -> DistillConfig:
-    """The DistillConfig an artifact was made with."""
-    return config_from_dict(art["config"])
-
-
-def mtt_config(config: DistillConfig) -> DistillConfig:
-    """The MTT-VL baseline of a LoRS config: S fixed to I and symmetric cross-entropy."""
-    return replace(config, learn_sim=False, loss="ce", lr_sim=0.0)
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def image_grid(images: torch.Tensor, mean, std, columns: int = 10, pad: int = 2) -> np.ndarray:
-    """Normalised (N,3,H,W) images as one uint8 HWC grid, `columns` per row."""
-    x = denormalize_images(images.float(), mean, std)
-    n, _, h, w = x.shape
-    cols = min(columns, n)
-    rows = -(-n // cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    pix = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
-        grid[top : top + h, left : left + w] = pix[i]
-    return grid
-
-
-def nearest_captions(texts: torch.Tensor, real: PairSet) -> list[tuple[str, float]]:
-    """For each synthetic text embedding, the real caption closest in cosine and the cosine."""
-    syn = F.normalize(texts.float(), dim=1)
-    ref = F.normalize(real.texts.float(), dim=1)
-    sims = syn @ ref.T
-    best = sims.max(dim=1)
-    pairs = zip(best.values.tolist(), best.indices.tolist(), strict=True)
-    return [(real.captions[j], v) for v, j in pairs]
-
-
-def export_artifact(art: dict, out_dir: str | os.PathLike, real: PairSet) -> dict[str, Any]:
-    """Write DIR/images.png (the grid), DIR/images/NNN.png and DIR/captions.json/.txt."""
-    out = Path(out_dir)
+    if save_every < 0:
+        raise UsageError("--save-every must be >= 0")
+    dev = resolve_device(device)
+    data = absolute_data(str(data))
+    buffers = load_buffers(buffers_dir, expect)
+    real = load_pairs(
+        data,
+        image_size=int(buffers.meta["image_size"]),
+        text_encoder=str(buffers.meta["text_encoder"]),
+        cache_dir=cache_dir,
+        image_root=image_root,
+        device=device,
+    )
+    art = distill(
+        real,
+        buffers,
+        config,
+        device=dev,
+        out=out,
+        save_every=save_every,
+        resume=resume,
+        progress=progress,
+        extra_config={"data": data, **({"image_root": image_root} if image_root else {})},
+    )
     cfg = art["config"]
-    mean, std = cfg.get("mean"), cfg.get("std")
-    write_bytes_atomic(out / "images.png", _png_bytes(image_grid(art["images"], mean, std)))
-    singles = (denormalize_images(art["images"].float(), mean, std) * 255).round()
-    singles = singles.to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, pixels in enumerate(singles):
-        write_bytes_atomic(out / "images" / f"{i:03d}.png", _png_bytes(pixels))
-    nearest = nearest_captions(art["texts"], real)
-    rows = [
-        {"index": i, "caption": cap, "cosine": round(cos, 4), "init_uid": uid}
-        for i, ((cap, cos), uid) in enumerate(zip(nearest, art["provenance"]["uids"], strict=True))
-    ]
-    write_json_atomic(out / "captions.json", rows)
-    text = "".join(f"{r['index']:03d}\t{r['cosine']:.3f}\t{r['caption']}\n" for r in rows)
-    write_bytes_atomic(out / "captions.txt", text.encode())
-    mean_cosine = float(np.mean([r["cosine"] for r in rows]))
-    return {"images": len(singles), "dir": str(out), "mean_cosine": mean_cosine}
-
-
-def similarity_matrix(art: dict) -> torch.Tensor:
-    """The N×N matrix S of an artifact."""
-    return similarity_from_export(art["similarity"]).matrix().detach()
+    return {
+        "pairs": int(art["images"].shape[0]),
+        "real_pairs": real.n_pairs,
+        "preset": config.preset,
+        "iterations": config.iterations,
+        "seconds": cfg["seconds"],
+        "lr_img": art["lr_img"],
+        "lr_txt": art["lr_txt"],
+        "final_loss": cfg.get("final_loss"),
+        "checkpoint": str(checkpoint_path(out)),
+        "export": export_artifact(art, export_dir, real) if export_dir else None,
+    }

@@ -13,16 +13,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mmcurate.distill.artifact import artifact_config_of, similarity_matrix
 from mmcurate.distill.buffers import Buffers, derive_seed
 from mmcurate.distill.data import PairSet
-from mmcurate.distill.distiller import (
-    artifact_config_of,
-    distill,
-    mtt_config,
-    pick_init_pairs,
-    similarity_matrix,
-)
+from mmcurate.distill.distiller import SAVE_EVERY, distill, pick_init_pairs
 from mmcurate.distill.losses import get_loss
+from mmcurate.distill.presets import mtt_config
 from mmcurate.distill.students import Student, build_student, normalize_images
 from mmcurate.errors import MmcurateError, UsageError
 from mmcurate.metrics.retrieval import mean_recall, retrieval_recall, summarize_runs
@@ -117,6 +113,20 @@ def embed_test(
     return torch.cat(feats), torch.cat(texts)
 
 
+def student_recall(
+    small: SmallSet, test: PairSet, cfg: EvalConfig, k: int, device: torch.device
+) -> dict[str, float]:
+    """Train fresh student k (its seed from cfg.seed and k) on a small set; its test recall."""
+    arch = small.arch
+    seed = derive_seed(cfg.seed, 1000 + k)
+    student = build_student(
+        arch["image_encoder"], arch["text_dim"], arch["image_size"], seed, device
+    )
+    train_student(student, small, cfg, seed, device)
+    img, txt = embed_test(student, test, arch["mean"], arch["std"], device)
+    return retrieval_recall(img, txt, test.image_index)
+
+
 def evaluate_small_set(
     small: SmallSet,
     test: PairSet,
@@ -133,15 +143,10 @@ def evaluate_small_set(
             f"test data has {test.image_size} px images and {test.text_dim}-d texts; the set "
             f"needs {arch['image_size']} px and {arch['text_dim']}-d ({arch['text_encoder']})"
         )
-    runs = []
-    for k in tqdm(range(cfg.num_eval), desc="evaluate", unit="student", disable=not progress):
-        seed = derive_seed(cfg.seed, 1000 + k)
-        student = build_student(
-            arch["image_encoder"], arch["text_dim"], arch["image_size"], seed, device
-        )
-        train_student(student, small, cfg, seed, device)
-        img, txt = embed_test(student, test, arch["mean"], arch["std"], device)
-        runs.append(retrieval_recall(img, txt, test.image_index))
+    runs = [
+        student_recall(small, test, cfg, k, device)
+        for k in tqdm(range(cfg.num_eval), desc="evaluate", unit="student", disable=not progress)
+    ]
     summary = summarize_runs(runs)
     return {
         "summary": summary,
@@ -150,7 +155,8 @@ def evaluate_small_set(
     }
 
 
-def _arch(cfg: dict) -> dict:
+def architecture(cfg: dict) -> dict:
+    """The student architecture an artifact's config names (and its image normalisation)."""
     keys = ("image_encoder", "text_encoder", "image_size", "text_dim", "mean", "std")
     return {k: cfg[k] for k in keys}
 
@@ -164,24 +170,8 @@ def artifact_set(art: dict) -> SmallSet:
         similarity=similarity_matrix(art),
         lr_img=float(art["lr_img"]),
         lr_txt=float(art["lr_txt"]),
-        loss=str(cfg.get("loss", "wbce")),
-        arch=_arch(cfg),
-    )
-
-
-def random_set(art: dict, train: PairSet, n: int, seed: int) -> SmallSet:
-    """The random baseline: N random real pairs, S = I, cross-entropy, the experts' lr."""
-    cfg = art["config"]
-    chosen = pick_init_pairs(train, n, seed)
-    lr = float(cfg.get("expert_lr", 0.1))
-    return SmallSet(
-        images=normalize_images(train.pixels(chosen), cfg["mean"], cfg["std"]),
-        texts=train.texts[torch.from_numpy(chosen)].float(),
-        similarity=torch.eye(n),
-        lr_img=lr,
-        lr_txt=lr,
-        loss="ce",
-        arch=_arch(cfg),
+        loss=str(cfg["loss"]),
+        arch=architecture(cfg),
     )
 
 
@@ -205,8 +195,33 @@ def mtt_artifact(
         config,
         device=device,
         out=out,
-        save_every=100 if out is not None else 0,
+        save_every=SAVE_EVERY if out is not None else 0,
         resume=out is not None,
         progress=progress,
         extra_config=extra,
     )
+
+
+def real_set(art: dict, train: PairSet, chosen: np.ndarray) -> SmallSet:
+    """Real pairs as a training set: S = I, cross-entropy, the experts' learning rate."""
+    cfg = art["config"]
+    lr = float(cfg["expert_lr"])
+    return SmallSet(
+        images=normalize_images(train.pixels(chosen), cfg["mean"], cfg["std"]),
+        texts=train.texts[torch.from_numpy(chosen)].float(),
+        similarity=torch.eye(len(chosen)),
+        lr_img=lr,
+        lr_txt=lr,
+        loss="ce",
+        arch=architecture(cfg),
+    )
+
+
+def random_set(art: dict, train: PairSet, n: int, seed: int) -> SmallSet:
+    """The random baseline: N random real pairs."""
+    return real_set(art, train, pick_init_pairs(train, n, seed))
+
+
+def full_set(art: dict, train: PairSet) -> SmallSet:
+    """The full baseline: every real pair."""
+    return real_set(art, train, np.arange(train.n_pairs))

@@ -116,3 +116,8 @@ def config_from_dict(data: dict[str, Any]) -> DistillConfig:
     """Rebuild a config stored in a checkpoint or artifact (extra keys are ignored)."""
     known = {f.name for f in fields(DistillConfig)}
     return DistillConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def mtt_config(config: DistillConfig) -> DistillConfig:
+    """The MTT-VL baseline of a LoRS config: S fixed to I and symmetric cross-entropy."""
+    return replace(config, learn_sim=False, loss="ce", lr_sim=0.0)

@@ -1,21 +1,50 @@
-"""The `embed` stage: one shard -> one store stem, decoding in DataLoader workers."""
+"""The `embed` stage: shards -> store stems, one work item per shard, decoding in DataLoader
+workers."""
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmcurate.data.shards import iter_samples
-from mmcurate.embed.encoders import load_encoder
+from mmcurate.data import IMG_KEY, TXT_KEY
+from mmcurate.data.shards import ShardItem, iter_samples, shard_items
+from mmcurate.data.store import is_done, write_stem
+from mmcurate.embed.encoders import load_encoder, resolve_device
+from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import ShardError
 
 MODALITIES = ("both", "image", "text")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Settings of `mmcurate embed`: which encoders, which modalities, how to batch and decode."""
+
+    model: str
+    text_model: str | None = None
+    modality: str = "both"
+    batch_size: int = 256
+    device: str = "auto"
+    decode_workers: int = 2
+
+    @property
+    def image_spec(self) -> str | None:
+        """The encoder of the images, when images are embedded."""
+        return self.model if self.modality != "text" else None
+
+    @property
+    def text_spec(self) -> str | None:
+        """The encoder of the captions, when captions are embedded."""
+        return (self.text_model or self.model) if self.modality != "image" else None
 
 
 def decode_image(data: bytes, preprocess: Callable) -> torch.Tensor:
@@ -97,28 +126,23 @@ def _loader(dataset: ShardBatches, decode_workers: int) -> DataLoader:
     )
 
 
-def embed_shard(config: dict, item: dict) -> dict:
+def embed_shard(config: EmbedConfig, out: str, item: ShardItem) -> dict:
     """Embed one shard into `<out>/<stem>.parquet|.npz|.done.json`; returns its stats."""
     import pyarrow as pa
 
-    from mmcurate.data.store import write_stem
-
     start = time.perf_counter()
-    stem, modality = item["name"], config["modality"]
-    image_enc = text_enc = None
-    if modality in ("both", "image"):
-        image_enc = load_encoder(config["model"], config["device"])
-    if modality in ("both", "text"):
-        text_enc = load_encoder(config.get("text_model") or config["model"], config["device"])
+    stem, modality = item.name, config.modality
+    image_enc = load_encoder(config.image_spec, config.device) if config.image_spec else None
+    text_enc = load_encoder(config.text_spec, config.device) if config.text_spec else None
     preprocess = image_enc.preprocess if image_enc else None
-    dataset = ShardBatches(item["url"], preprocess, config["batch_size"], modality)
+    dataset = ShardBatches(item.url, preprocess, config.batch_size, modality)
     seen: set[str] = set()
     skipped: Counter[str] = Counter()
     rows: list[dict] = []
     img_parts: list[np.ndarray] = []
     txt_parts: list[np.ndarray] = []
     read = 0
-    for batch in _loader(dataset, config.get("decode_workers", 0)):
+    for batch in _loader(dataset, config.decode_workers):
         if batch["error"]:
             raise ShardError(batch["error"])
         read += len(batch["rows"]) + len(batch["problems"])
@@ -159,23 +183,42 @@ def embed_shard(config: dict, item: dict) -> dict:
     )
     arrays = {}
     if image_enc:
-        arrays["img"] = _stack(img_parts, image_enc.dim)
+        arrays[IMG_KEY] = _stack(img_parts, image_enc.dim)
     if text_enc:
-        arrays["txt"] = _stack(txt_parts, text_enc.dim)
+        arrays[TXT_KEY] = _stack(txt_parts, text_enc.dim)
     clip = image_enc if image_enc and image_enc.has_text else text_enc
     stats = {
         "read": read,
         "skipped": dict(sorted(skipped.items())),
-        "model": config["model"],
-        "text_model": config.get("text_model"),
+        "model": config.model,
+        "text_model": config.text_model,
         "modality": modality,
-        "logit_scale": clip.logit_scale if clip and not config.get("text_model") else None,
+        "logit_scale": clip.logit_scale if clip and not config.text_model else None,
         "dims": {k: int(v.shape[1]) for k, v in arrays.items()},
         "seconds": round(time.perf_counter() - start, 3),
     }
-    write_stem(config["out"], stem, meta, arrays, stats)
+    write_stem(out, stem, meta, arrays, stats)
     return {**stats, "rows": meta.num_rows}
 
 
 def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)
+
+
+def run_embed(
+    sources: Sequence[str], out: str | os.PathLike, config: EmbedConfig, executor: Executor
+) -> dict:
+    """Embed every unfinished shard of the sources into the store `out`; the end summary."""
+    out = os.path.abspath(out)
+    items = shard_items(sources)
+    resolve_device(config.device)
+    for spec in filter(None, (config.image_spec, config.text_spec)):
+        load_encoder(spec, "cpu")
+    outcomes, skipped = run_stage(
+        executor,
+        functools.partial(embed_shard, config, out),
+        items,
+        is_done=lambda it: is_done(out, it.name),
+        desc="embed",
+    )
+    return summarise(outcomes, skipped)

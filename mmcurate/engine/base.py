@@ -7,13 +7,31 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from mmcurate.errors import MmcurateError
 
-WorkFn = Callable[[dict], dict]
+
+class WorkItem(Protocol):
+    """A unit of work and of checkpoint: each stage passes its own typed item with a name."""
+
+    name: str
+
+
+WorkFn = Callable[[Any], dict]
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where per-item work runs: a local process pool or Ray tasks, and its compute threads."""
+
+    executor: str = "local"
+    workers: int = 1
+    threads: int = 1
+    ray_address: str | None = None
+    ray_gpus: float = 0.0
 
 
 @dataclass
@@ -49,22 +67,22 @@ def pin_threads(threads: int) -> None:
         pass
 
 
-def run_item(fn: WorkFn, item: dict) -> Outcome:
-    """Run one item, turning any exception into a failed Outcome with a one-line reason."""
+def run_item(fn: WorkFn, item: WorkItem, catch: type[Exception] = Exception) -> Outcome:
+    """Run one item, turning a `catch` exception into a failed Outcome with a one-line reason."""
     start = time.perf_counter()
     try:
         stats = fn(item) or {}
-    except Exception as exc:
-        return Outcome(item["name"], False, {}, one_line(exc))
+    except catch as exc:
+        return Outcome(item.name, False, {}, one_line(exc))
     stats.setdefault("seconds", round(time.perf_counter() - start, 3))
-    return Outcome(item["name"], True, stats, None)
+    return Outcome(item.name, True, stats, None)
 
 
 class Executor(ABC):
     """Maps a per-item function over work items; outcomes arrive as items finish."""
 
     @abstractmethod
-    def map(self, fn: WorkFn, items: Sequence[dict]) -> Iterator[Outcome]:
+    def map(self, fn: WorkFn, items: Sequence[WorkItem]) -> Iterator[Outcome]:
         """Yield one Outcome per item, in completion order."""
 
 
@@ -92,15 +110,16 @@ class Progress:
 def run_stage(
     executor: Executor,
     fn: WorkFn,
-    items: Sequence[dict],
+    items: Sequence[WorkItem],
     *,
-    is_done: Callable[[dict], bool] = lambda item: False,
+    is_done: Callable[[Any], bool] = lambda item: False,
     desc: str = "work",
     count_key: str = "rows",
 ) -> tuple[list[Outcome], list[str]]:
     """Run the unfinished items; return their outcomes (sorted by name) and the skipped names."""
-    todo = [it for it in items if not is_done(it)]
-    skipped = [it["name"] for it in items if is_done(it)]
+    done = [is_done(it) for it in items]
+    todo = [it for it, d in zip(items, done) if not d]
+    skipped = [it.name for it, d in zip(items, done) if d]
     progress = Progress(len(todo), desc, count_key)
     outcomes: list[Outcome] = []
     try:

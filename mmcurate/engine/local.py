@@ -7,7 +7,7 @@ from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-from mmcurate.engine.base import Executor, Outcome, WorkFn, pin_threads, run_item
+from mmcurate.engine.base import Executor, Outcome, WorkFn, WorkItem, pin_threads, run_item
 
 DIED = "worker process died (killed or out of memory)"
 
@@ -15,11 +15,11 @@ DIED = "worker process died (killed or out of memory)"
 class LocalExecutor(Executor):
     """Runs items on `workers` processes, each pinned to `threads` compute threads."""
 
-    def __init__(self, workers: int = 1, threads: int = 1) -> None:
+    def __init__(self, workers: int, threads: int) -> None:
         self.workers = max(1, int(workers))
         self.threads = max(1, int(threads))
 
-    def map(self, fn: WorkFn, items: Sequence[dict]) -> Iterator[Outcome]:
+    def map(self, fn: WorkFn, items: Sequence[WorkItem]) -> Iterator[Outcome]:
         """Yield outcomes as items finish; a worker that dies fails only the item it ran.
 
         A dead worker breaks the whole pool. Items start in order, so the first `workers`
@@ -38,12 +38,12 @@ class LocalExecutor(Executor):
             while suspects:
                 broken = yield from self._round(fn, suspects, 1)
                 if broken:
-                    yield Outcome(broken[0]["name"], False, {}, DIED)
+                    yield Outcome(broken[0].name, False, {}, DIED)
                 suspects = broken[1:]
 
     def _round(
-        self, fn: WorkFn, items: list[dict], workers: int
-    ) -> Generator[Outcome, None, list[dict]]:
+        self, fn: WorkFn, items: list[WorkItem], workers: int
+    ) -> Generator[Outcome, None, list[WorkItem]]:
         """Run items on a fresh pool; yield outcomes; return the items a dead worker broke."""
         broken: list[int] = []
         with ProcessPoolExecutor(

@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from collections.abc import Iterator, Sequence
 
 import ray
 from ray.exceptions import OutOfMemoryError, RayError, RayTaskError, WorkerCrashedError
 
-from mmcurate.engine.base import Executor, Outcome, WorkFn, one_line, pin_threads
+from mmcurate.engine.base import (
+    Executor,
+    Outcome,
+    WorkFn,
+    WorkItem,
+    one_line,
+    pin_threads,
+    run_item,
+)
 from mmcurate.errors import MmcurateError, UsageError
 
 
 @ray.remote
-def _ray_task(fn: WorkFn, item: dict, threads: int) -> Outcome:
-    """Run one item in a Ray worker; a deterministic (mmcurate) error fails it without retry."""
+def _ray_task(fn: WorkFn, item: WorkItem, threads: int) -> Outcome:
+    """Run one item in a Ray worker; a deterministic (mmcurate) error fails it without retry,
+    any other exception goes to Ray, which retries the task."""
     pin_threads(threads)
-    start = time.perf_counter()
-    try:
-        stats = fn(item) or {}
-    except MmcurateError as exc:
-        return Outcome(item["name"], False, {}, one_line(exc))
-    stats.setdefault("seconds", round(time.perf_counter() - start, 3))
-    return Outcome(item["name"], True, stats, None)
+    return run_item(fn, item, catch=MmcurateError)
 
 
 def failure_reason(exc: Exception, retries: int) -> str:
@@ -83,7 +85,7 @@ class RayExecutor(Executor):
             where = self.address or "a new local instance"
             raise UsageError(f"cannot start or reach Ray at {where}: {one_line(exc)}") from None
 
-    def map(self, fn: WorkFn, items: Sequence[dict]) -> Iterator[Outcome]:
+    def map(self, fn: WorkFn, items: Sequence[WorkItem]) -> Iterator[Outcome]:
         """Submit every item at once (fn goes to the object store once); yield as tasks finish."""
         if not items:
             return
@@ -109,9 +111,7 @@ class RayExecutor(Executor):
                     try:
                         yield ray.get(ref)
                     except RayError as exc:
-                        yield Outcome(
-                            item["name"], False, {}, failure_reason(exc, self.max_retries)
-                        )
+                        yield Outcome(item.name, False, {}, failure_reason(exc, self.max_retries))
         finally:
             for ref in pending:
                 ray.cancel(ref)

@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from mmcurate.data.uid import intersect_pairs, sort_unique_pairs
+
 
 def _is_pairs(subset: Iterable) -> bool:
     return isinstance(subset, np.ndarray) and subset.dtype.names is not None
@@ -18,13 +20,11 @@ def _as_set(subset: Iterable) -> set:
 def overlap(a: Iterable, b: Iterable) -> dict[str, float]:
     """Sizes of a, b, their intersection and union, Jaccard, and the share of a that is in b.
 
-    Subset files' (u8, u8) uid arrays go through the vectorised set algebra of `select`, so
+    Subset files' (u8, u8) uid arrays go through the vectorised set algebra of uid pairs, so
     subsets of tens of millions of uids compare without Python objects; other iterables of
     hashable uids (hex strings) go through sets.
     """
     if _is_pairs(a) and _is_pairs(b):
-        from mmcurate.curate.select import intersect_pairs, sort_unique_pairs
-
         size_a, size_b = len(sort_unique_pairs(a)), len(sort_unique_pairs(b))
         inter = len(intersect_pairs(a, b))
     else:

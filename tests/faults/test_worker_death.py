@@ -6,27 +6,31 @@ import functools
 import os
 import time
 
+from conftest import Item
+
 from faults.figures import FIGURES
 from mmcurate.engine import LocalExecutor, run_stage, summarise
 from mmcurate.engine.local import DIED
 
 
-def die_on(names: frozenset[str], item: dict) -> dict:
+def die_on(names: frozenset[str], item: Item) -> dict:
     """Work function: the process exits abruptly on the named items, as if SIGKILLed."""
-    time.sleep(0.05 * (item["i"] % 3))
-    if item["name"] in names:
+    time.sleep(0.05 * (item.x % 3))
+    if item.name in names:
         os._exit(9)
-    return {"rows": item["i"], "pid": os.getpid()}
+    return {"rows": item.x, "pid": os.getpid()}
 
 
 def test_a_dying_worker_fails_only_its_item():
-    items = [{"name": f"s{i:02d}", "i": i} for i in range(8)]
+    items = [Item(f"s{i:02d}", i) for i in range(8)]
     dying = frozenset({"s03"})
-    outcomes, _ = run_stage(LocalExecutor(workers=2), functools.partial(die_on, dying), items)
+    outcomes, _ = run_stage(
+        LocalExecutor(workers=2, threads=1), functools.partial(die_on, dying), items
+    )
     summary = summarise(outcomes, [])
-    others_done = summary["done"] == [it["name"] for it in items if it["name"] not in dying]
+    others_done = summary["done"] == [it.name for it in items if it.name not in dying]
     for name in sorted(dying):
         FIGURES.record_kill("worker", summary["failed"].get(name) == DIED and others_done)
     assert summary["failed"] == {name: DIED for name in sorted(dying)}
-    assert summary["done"] == [it["name"] for it in items if it["name"] not in dying]
-    assert summary["rows"] == sum(it["i"] for it in items if it["name"] not in dying)
+    assert summary["done"] == [it.name for it in items if it.name not in dying]
+    assert summary["rows"] == sum(it.x for it in items if it.name not in dying)

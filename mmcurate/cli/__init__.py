@@ -1,0 +1,1 @@
+"""The `mmcurate` command line: click commands that parse flags, call the library and print."""

@@ -1,0 +1,102 @@
+"""The NormSim-D stage of `select`: the survivors' image embeddings, memory-mapped from the store
+stem by stem, shrunk to the target size by `normsim_d_keep`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mmcurate.curate.pool import Pool
+from mmcurate.curate.rules import NORMSIM_D, Rule, keep_count
+from mmcurate.data.uid import hex_to_pairs, pair_order
+from mmcurate.errors import ShardError
+
+
+class SurvivorChunks(Sequence):
+    """Survivors' image embeddings per stem, memory-mapped from the store and read on access."""
+
+    def __init__(
+        self, store: str | os.PathLike, img_key: str, groups: Sequence[tuple[str, np.ndarray]]
+    ) -> None:
+        from mmcurate.data.store import read_meta
+
+        self.store, self.img_key = store, img_key
+        self._stems: list[str] = []
+        self._rows: list[np.ndarray] = []
+        self._nrows: list[int] = []
+        self._maps: dict[int, np.ndarray] = {}
+        for stem, wanted in groups:
+            meta = read_meta(store, stem, ["uid"])
+            try:
+                have = hex_to_pairs(meta.column("uid"))
+            except ValueError as exc:
+                raise ShardError(f"{stem}: bad uid column in the store: {exc}") from None
+            order = pair_order(have)
+            sorted_have = have[order]
+            idx = np.minimum(np.searchsorted(sorted_have, wanted), max(len(have) - 1, 0))
+            if len(have) == 0 or not np.all(sorted_have[idx] == wanted):
+                raise ShardError(f"{stem}: survivors missing from the store's {stem}.parquet")
+            self._stems.append(stem)
+            self._rows.append(order[idx])
+            self._nrows.append(meta.num_rows)
+
+    def __len__(self) -> int:
+        return len(self._stems)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if i not in self._maps:
+            from mmcurate.data.store import read_arrays
+
+            arrays = read_arrays(self.store, self._stems[i], [self.img_key], rows=self._nrows[i])
+            self._maps[i] = arrays[self.img_key]
+        return np.asarray(self._maps[i][self._rows[i]], dtype=np.float32)
+
+
+def normsim_d_stage(
+    rule: Rule,
+    pool: Pool,
+    survivors: np.ndarray,
+    store: str | os.PathLike,
+    img_key: str,
+    iters: int,
+    seed: int,
+) -> tuple[np.ndarray, dict]:
+    """NormSim-D over the survivors, whose embeddings are read stem by stem from the store."""
+    target = keep_count(rule.fraction, len(pool.pairs))
+    record: dict[str, Any] = {
+        "rule": rule.text,
+        "metric": NORMSIM_D,
+        "kind": "normsim_d",
+        "fraction": rule.value,
+        "target": target,
+        "threshold": None,
+        "input": int(len(survivors)),
+        "nan": 0,
+        "iters": iters,
+        "seed": seed,
+    }
+    if target >= len(survivors) or target == 0:
+        keep = survivors if target else survivors[:0]
+    else:
+        from mmcurate.curate.normsim import normsim_d_keep
+
+        file_of = np.searchsorted(pool.offsets, survivors, side="right") - 1
+        starts = np.flatnonzero(np.r_[True, np.diff(file_of) != 0])
+        ends = np.r_[starts[1:], len(survivors)]
+        groups = [
+            (pool.stems[int(file_of[a])], pool.pairs[survivors[a:b]]) for a, b in zip(starts, ends)
+        ]
+        chunks = SurvivorChunks(store, img_key, groups)
+        mask = np.asarray(normsim_d_keep(chunks, target, num_iters=iters, seed=seed), dtype=bool)
+        if mask.shape != survivors.shape:
+            raise ShardError(f"normsim_d returned {mask.shape[0]} flags for {len(survivors)} rows")
+        keep = survivors[mask]
+    record["count"] = int(len(keep))
+    return keep, record

@@ -1,0 +1,162 @@
+"""Settings of the `score` stage: the user's `ScoreConfig` (every default, once) and the
+`ScoreJob` it resolves to (metrics, exponents, τ and the target checked before any work)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mmcurate.curate.targets import cached_target
+from mmcurate.data import IMG_KEY, TXT_KEY
+from mmcurate.data.store import store_logit_scale
+from mmcurate.errors import UsageError
+
+METRICS = ("clipscore", "negclip", "normsim")
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+DEFAULT_TAU = 0.01
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Options of `mmcurate score`; empty `metrics` means clipscore and negclip (+ normsim with a
+    target), empty `p` means ∞, a None `temperature` means 1/logit_scale of the store, else 0.01."""
+
+    metrics: tuple[str, ...] = ()
+    p: tuple[str, ...] = ()
+    target: tuple[str, ...] = ()
+    temperature: float | None = None
+    batch_size: int = 32768
+    k: int = 10
+    window: int = 1_048_576
+    seed: int = 0
+    img_key: str = IMG_KEY
+    txt_key: str = TXT_KEY
+    normsim_index: str = "flat"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """Everything a window's scores depend on, plus where to read and write."""
+
+    store: str
+    out: str
+    metrics: tuple[str, ...]
+    ps: tuple[float, ...]
+    tau: float
+    tau_source: str
+    batch_size: int
+    k: int
+    window: int
+    seed: int
+    img_key: str
+    txt_key: str
+    targets: tuple[str, ...]
+    target_shape: tuple[int, int] | None
+    normsim_index: str
+    device: str
+    columns: tuple[str, ...]
+
+    def signature(self) -> dict:
+        """The settings a done marker must match for its stem to count as done."""
+        sig = {k: v for k, v in asdict(self).items() if k not in ("out", "tau_source", "device")}
+        sig["store"] = str(Path(self.store).resolve())
+        sig["ps"] = [normsim_column(p) for p in self.ps]
+        return json.loads(json.dumps(sig))
+
+
+def parse_p(text: str | float) -> float:
+    """A NormSim exponent: a float > 0 or inf."""
+    try:
+        p = float(text)
+    except ValueError:
+        raise UsageError(f"--p must be a number > 0 or inf, got {text!r}") from None
+    if not p > 0:
+        raise UsageError(f"--p must be a number > 0 or inf, got {text!r}")
+    return p
+
+
+def normsim_column(p: float) -> str:
+    """Sidecar column of NormSim_p: normsim_2, normsim_inf, normsim_3, normsim_2.5."""
+    return "normsim_inf" if math.isinf(p) else f"normsim_{p:g}"
+
+
+def _check_options(store: str, out: str, config: ScoreConfig) -> None:
+    if not Path(store).is_dir():
+        raise UsageError(f"store directory not found: {store}")
+    if Path(out).resolve() == Path(store).resolve():
+        raise UsageError("--out must differ from the store directory")
+    for name in ("batch_size", "k", "window"):
+        value = getattr(config, name)
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    temperature = config.temperature
+    if temperature is not None and not (temperature > 0 and math.isfinite(temperature)):
+        raise UsageError(f"--temperature must be > 0, got {temperature}")
+    unknown = [m for m in config.metrics if m not in METRICS]
+    if unknown:
+        raise UsageError(f"unknown metric(s) {unknown}: use {', '.join(METRICS)}")
+    if str(config.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {config.device}: no CUDA device is available")
+    if config.normsim_index not in INDEX_KINDS:
+        raise UsageError(f"--normsim-index must be flat, ivf or hnsw, got {config.normsim_index!r}")
+
+
+def _temperature(store: str, config: ScoreConfig) -> tuple[float, str]:
+    if config.temperature is not None:
+        return float(config.temperature), "--temperature"
+    scale = store_logit_scale(store)
+    if scale:
+        return 1.0 / scale, f"1/logit_scale recorded in the store ({scale:g})"
+    return DEFAULT_TAU, "default"
+
+
+def resolve_score(store: str, out: str, config: ScoreConfig) -> ScoreJob:
+    """Validate options (UsageError before any work) and resolve defaults: metrics, p, τ."""
+    _check_options(store, out, config)
+    targets = tuple(config.target)
+    chosen = list(dict.fromkeys(config.metrics))
+    if not chosen:
+        chosen = ["clipscore", "negclip"] + (["normsim"] if targets else [])
+    if "normsim" in chosen and not targets:
+        raise UsageError("--metric normsim needs --target PATH")
+    parsed = tuple(dict.fromkeys(parse_p(p) for p in config.p)) or (math.inf,)
+    if "normsim" not in chosen and (targets or config.p):
+        warnings.warn("--target and --p are ignored without --metric normsim", stacklevel=2)
+    target_paths: tuple[str, ...] = ()
+    target_shape = None
+    if "normsim" in chosen:
+        for t in targets:
+            if not Path(t).exists():
+                raise UsageError(f"target file not found: {t}")
+        target_paths = tuple(str(Path(t).resolve()) for t in targets)
+        target_shape = tuple(cached_target(target_paths, config.img_key).shape)
+    tau, source = _temperature(store, config)
+    columns = [m for m in ("clipscore", "negclip") if m in chosen]
+    if "normsim" in chosen:
+        columns += [normsim_column(p) for p in parsed]
+    return ScoreJob(
+        store=str(store),
+        out=str(out),
+        metrics=tuple(chosen),
+        ps=parsed if "normsim" in chosen else (),
+        tau=tau if "negclip" in chosen else DEFAULT_TAU,
+        tau_source=source if "negclip" in chosen else "unused",
+        batch_size=int(config.batch_size),
+        k=int(config.k),
+        window=int(config.window),
+        seed=int(config.seed),
+        img_key=config.img_key,
+        txt_key=config.txt_key,
+        targets=target_paths,
+        target_shape=target_shape,
+        normsim_index=config.normsim_index,
+        device=config.device,
+        columns=tuple(columns),
+    )

@@ -1,0 +1,233 @@
+"""The `evaluate` stage: num_eval fresh students per set, one work item each, and their recall.
+
+Sets are the distilled artifact and the baselines on equal budgets: random real pairs, every
+real pair (full), and MTT-VL (S fixed to I). Figures are taken after the last epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcurate.data.atomic import write_json_atomic
+from mmcurate.distill.artifact import load_artifact
+from mmcurate.distill.buffers import load_buffers
+from mmcurate.distill.data import load_pairs
+from mmcurate.distill.evaluate import (
+    EvalConfig,
+    SmallSet,
+    architecture,
+    artifact_set,
+    full_set,
+    mtt_artifact,
+    random_set,
+    student_recall,
+)
+from mmcurate.distill.sources import absolute_data
+from mmcurate.embed import resolve_device
+from mmcurate.engine import Executor, run_stage, summarise
+from mmcurate.errors import UsageError
+from mmcurate.metrics.retrieval import mean_recall, summarize_runs
+
+BASELINES = ("random", "full", "mtt")
+FULL_BASELINE_LIMIT = 20000
+
+
+@dataclass(frozen=True)
+class StudentItem:
+    """An evaluation work item: student `student` of one set (named `<set>#<student>`)."""
+
+    name: str
+    set: str
+    student: int
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What every evaluation student reads: the sets' sources, the data and the recipe."""
+
+    artifact: str
+    mtt: str | None
+    train: str | None
+    test: str
+    pairs: int
+    load: dict
+    config: EvalConfig
+    device: str
+    out: str
+
+
+def student_path(out: str | os.PathLike, name: str, k: int) -> Path:
+    """Where evaluation student k of a set writes its recall."""
+    return Path(out) / f"{name}.student{k}.json"
+
+
+def _job_set(job: EvalJob, name: str) -> tuple[SmallSet, int]:
+    """The training set of one evaluation, built in the worker, and its number of pairs."""
+    if name in ("distilled", "mtt"):
+        art = load_artifact(job.mtt if name == "mtt" else job.artifact)
+        return artifact_set(art), int(art["images"].shape[0])
+    art = load_artifact(job.artifact)
+    train = load_pairs(job.train, **job.load)
+    if name == "random":
+        return random_set(art, train, job.pairs, job.config.seed), job.pairs
+    return full_set(art, train), train.n_pairs
+
+
+def evaluate_student(job: EvalJob, item: StudentItem) -> dict:
+    """Work item: train evaluation student k of one set and write its last-epoch recall.
+
+    Student k gets the seed `evaluate_small_set` gives its k-th student, so a set's students
+    spread over workers give exactly what one process gives.
+    """
+    small, pairs = _job_set(job, item.set)
+    test = load_pairs(job.test, **job.load)
+    recall = student_recall(small, test, job.config, item.student, resolve_device(job.device))
+    write_json_atomic(
+        student_path(job.out, item.set, item.student), {"recall": recall, "pairs": pairs}
+    )
+    return {"rows": 1, "pairs": pairs}
+
+
+def collect_set(out: str | os.PathLike, name: str, num_eval: int) -> dict:
+    """A set's students: R@K mean ± std, the runs, and their mean R@K."""
+    students = [json.loads(student_path(out, name, k).read_text()) for k in range(num_eval)]
+    runs = [s["recall"] for s in students]
+    return {
+        **summarize_runs(runs),
+        "pairs": students[0]["pairs"],
+        "runs": runs,
+        "mean_recall": float(np.mean([mean_recall(r) for r in runs])),
+    }
+
+
+def _check_sets(sets: Sequence[str], train: str | None) -> None:
+    unknown = [s for s in sets if s != "distilled" and s not in BASELINES]
+    if unknown:
+        raise UsageError(f"unknown baseline {unknown[0]!r}: use {', '.join(BASELINES)}")
+    baselines = [s for s in sets if s != "distilled"]
+    if baselines and not train:
+        raise UsageError(f"the {baselines[0]} baseline needs the real training pairs (--train)")
+
+
+def run_evaluate(
+    artifact: str | os.PathLike,
+    test: str,
+    config: EvalConfig,
+    executor: Executor,
+    *,
+    sets: Sequence[str] = ("distilled",),
+    train: str | None = None,
+    pairs: int | None = None,
+    cache_dir: str | os.PathLike,
+    image_root: str | None = None,
+    device: str = "auto",
+    out: str | os.PathLike | None = None,
+    buffers: str | os.PathLike | None = None,
+    mtt_out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`mmcurate evaluate`: num_eval fresh students per set (the distilled artifact and the
+    baselines random, full, mtt), one work item each, last-epoch recall on the test split.
+
+    With `out`, every student's recall and every set's result are kept there, and finished
+    students are skipped on a re-run. The MTT baseline is distilled first (resumable).
+    """
+    config.check()
+    dev = resolve_device(device)
+    art = load_artifact(artifact)
+    cfg = art["config"]
+    train = train or cfg.get("data")
+    _check_sets(sets, train)
+    n = int(art["images"].shape[0]) if pairs is None else int(pairs)
+    if n < 1:
+        raise UsageError("--pairs must be >= 1")
+    load = {
+        "image_size": int(cfg["image_size"]),
+        "text_encoder": str(cfg["text_encoder"]),
+        "cache_dir": str(cache_dir),
+        "image_root": image_root or cfg.get("image_root"),
+        "device": device,
+    }
+    test_pairs = load_pairs(absolute_data(test), **load)
+    arch = architecture(cfg)
+    if test_pairs.image_size != arch["image_size"] or test_pairs.text_dim != arch["text_dim"]:
+        raise UsageError(
+            f"test data has {test_pairs.image_size} px images and {test_pairs.text_dim}-d "
+            f"texts; the distilled set needs {arch['image_size']} px and {arch['text_dim']}-d"
+        )
+    train = absolute_data(train) if train else None
+    if train:
+        train_pairs = load_pairs(train, **load)
+        if "full" in sets and train_pairs.n_pairs > FULL_BASELINE_LIMIT:
+            raise UsageError(
+                f"the full baseline trains with an N×N target matrix; {train_pairs.n_pairs} "
+                f"pairs exceed {FULL_BASELINE_LIMIT} (drop 'full')"
+            )
+    with ExitStack() as stack:
+        work = Path(out) if out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if "mtt" in sets:
+            mtt_out = mtt_out or Path(artifact).with_name(
+                Path(artifact).name.removesuffix(".pt") + f".mtt{n}.pt"
+            )
+            mtt_artifact(
+                art,
+                train_pairs,
+                load_buffers(buffers or cfg["buffers"]),
+                dev,
+                mtt_out,
+                progress,
+                pairs=n,
+            )
+        job = EvalJob(
+            artifact=str(artifact),
+            mtt=str(mtt_out) if mtt_out else None,
+            train=train,
+            test=absolute_data(test),
+            pairs=n,
+            load=load,
+            config=config,
+            device=device,
+            out=str(work),
+        )
+        items = [
+            StudentItem(f"{name}#{k}", name, k)
+            for name in sorted(sets, key=lambda s: s != "full")
+            for k in range(config.num_eval)
+        ]
+        outcomes, skipped = run_stage(
+            executor,
+            functools.partial(evaluate_student, job),
+            items,
+            is_done=lambda it: student_path(work, it.set, it.student).is_file(),
+            desc="evaluate students",
+        )
+        summary = summarise(outcomes, skipped)
+        results = {}
+        if not summary["failed"]:
+            for name in sets:
+                results[name] = collect_set(work, name, config.num_eval)
+                if out:
+                    write_json_atomic(work / f"{name}.json", results[name])
+    summary.update(
+        {
+            "results": results,
+            "test": test,
+            "num_eval": config.num_eval,
+            "pairs": n,
+            "method": cfg["method"],
+            "test_images": test_pairs.n_images,
+            "test_pairs": test_pairs.n_pairs,
+            "mtt": str(mtt_out) if "mtt" in sets else None,
+        }
+    )
+    return summary
