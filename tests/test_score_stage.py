@@ -226,9 +226,8 @@ def test_nan_and_inf_embeddings_are_skipped_and_counted(tmp_path):
     assert marker["read"] == 80 and marker["rows"] == 77
     assert marker["skipped"] == {"nonfinite_embedding": 3}
     keep = np.setdiff1d(np.arange(80), [3, 10, 11])
-    expected = negclip_scores(
-        img[keep].astype(np.float32), txt[keep].astype(np.float32), 0.01, 32, 2, (0, 0)
-    )
+    f, g = img[keep].astype(np.float32), txt[keep].astype(np.float32)
+    expected = negclip_scores(f, g, tau=0.01, batch_size=32, k=2, seed=(0, 0))
     np.testing.assert_allclose(table.column("negclip").to_numpy(), expected, atol=1e-6)
 
 

@@ -11,9 +11,7 @@ from mmcurate.distill.buffers import BufferConfig
 from mmcurate.distill.distiller import SAVE_EVERY
 from mmcurate.distill.evaluate import EvalConfig
 from mmcurate.distill.presets import DistillConfig
-from mmcurate.embed.stage import EmbedConfig
-
-DEVICE = default(EmbedConfig, "device")
+from mmcurate.embed import DEFAULT_DEVICE as DEVICE
 
 
 def _print_recalls(title: str, summary: dict, mean: float) -> None:

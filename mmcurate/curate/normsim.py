@@ -227,7 +227,8 @@ def _lowest(scores: np.ndarray, keep: np.ndarray, count: int) -> np.ndarray:
 def normsim_d_keep(
     chunks: Sequence[np.ndarray],
     n_target: int,
-    num_iters: int = 500,
+    *,
+    num_iters: int,
     seed: int = 0,
     block: int = DEFAULT_BLOCK,
     device: str | torch.device | None = None,

@@ -12,6 +12,7 @@ from pathlib import Path
 from mmcurate.curate.targets import cached_target
 from mmcurate.data import IMG_KEY, TXT_KEY
 from mmcurate.data.store import store_logit_scale
+from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.errors import UsageError
 
 METRICS = ("clipscore", "negclip", "normsim")
@@ -35,7 +36,7 @@ class ScoreConfig:
     img_key: str = IMG_KEY
     txt_key: str = TXT_KEY
     normsim_index: str = "flat"
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
 
 
 @dataclass(frozen=True)

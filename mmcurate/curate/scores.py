@@ -148,10 +148,11 @@ def negclip_from_batchings(
 def negclip_scores(
     img: Rows,
     txt: Rows,
-    tau: float = 0.01,
-    batch_size: int = 32768,
-    k: int = 10,
-    seed: Seed = 0,
+    *,
+    tau: float,
+    batch_size: int,
+    k: int,
+    seed: Seed,
     block: int = NEGCLIP_BLOCK,
     device: str | torch.device | None = None,
 ) -> np.ndarray:

@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from mmcurate.curate.score_config import ScoreConfig
 from mmcurate.data.atomic import write_bytes_atomic, write_json_atomic
 from mmcurate.demo.faults import DemoSizes, corpus_paths, make_teacher_split, write_demo_corpus
 from mmcurate.demo.measure import KEEP, measure
@@ -36,7 +37,7 @@ class DemoPlan:
     sizes: DemoSizes = field(default_factory=DemoSizes)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     negclip_batch: int = 256
-    negclip_k: int = 10
+    negclip_k: int = ScoreConfig.k
     experts: int = 8
     epochs: int = 4
     iterations: int = 300
@@ -124,7 +125,6 @@ def pipeline_config(root: Path, data: dict, plan: DemoPlan, seed: int) -> dict[s
         "embed": {
             "src": [data["pool"]],
             "model": data["teacher"],
-            "batch_size": 256,
             "decode_workers": 0,
             "target_src": [data["target"]],
         },

@@ -29,6 +29,7 @@ from mmcurate.distill.students import (
     canonical_image_encoder,
     normalize_images,
 )
+from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import ShardError, UsageError
 
@@ -206,7 +207,7 @@ def make_buffers(
     *,
     cache_dir: str | os.PathLike | None = None,
     image_root: str | None = None,
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
 ) -> dict[str, Any]:
     """Train the missing experts of OUT_DIR on DATA (a path or a PairSet); returns a summary."""
     config = replace(config, image_encoder=canonical_image_encoder(config.image_encoder)).check()

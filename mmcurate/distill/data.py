@@ -29,6 +29,7 @@ from mmcurate.data.atomic import save_npy_atomic
 from mmcurate.data.store import read_done, read_stem, write_stem
 from mmcurate.data.uid import sample_uid
 from mmcurate.distill.sources import RawPairs, is_json, read_json, read_shards, shard_urls
+from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.errors import MmcurateError, ShardError, UsageError
 
 MAX_CAPTION_WORDS = 30
@@ -94,7 +95,7 @@ def encode_captions(encoder, captions: Sequence[str], batch_size: int = 256) -> 
     return torch.cat(chunks).float()
 
 
-def load_text_encoder(spec: str, device: str = "auto"):
+def load_text_encoder(spec: str, device: str = DEFAULT_DEVICE):
     """The frozen text encoder of the students (an `hf-text:` spec of the embedding layer)."""
     from mmcurate.embed import load_encoder
 
@@ -153,7 +154,7 @@ def prepare_pairs(
     text_encoder: str,
     cache_dir: str | os.PathLike,
     image_root: str | None = None,
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
 ) -> str:
     """Decode and encode DATA into the cache unless done already; returns the cache stem."""
     stem, _ = _fingerprint(str(data), image_size, text_encoder, image_root)

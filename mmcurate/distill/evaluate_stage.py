@@ -33,7 +33,7 @@ from mmcurate.distill.evaluate import (
     student_recall,
 )
 from mmcurate.distill.sources import absolute_data
-from mmcurate.embed import resolve_device
+from mmcurate.embed import DEFAULT_DEVICE, resolve_device
 from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import UsageError
 from mmcurate.metrics.retrieval import mean_recall, summarize_runs
@@ -130,7 +130,7 @@ def run_evaluate(
     pairs: int | None = None,
     cache_dir: str | os.PathLike,
     image_root: str | None = None,
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     out: str | os.PathLike | None = None,
     buffers: str | os.PathLike | None = None,
     mtt_out: str | os.PathLike | None = None,

@@ -1,6 +1,13 @@
 """The shared embedding layer: one spec string gives a ready, normalised encoder."""
 
-from mmcurate.embed.encoders import Encoder, load_encoder, resolve_device
+from mmcurate.embed.encoders import DEFAULT_DEVICE, Encoder, load_encoder, resolve_device
 from mmcurate.embed.spec import EncoderSpec, parse_spec
 
-__all__ = ["Encoder", "EncoderSpec", "load_encoder", "parse_spec", "resolve_device"]
+__all__ = [
+    "DEFAULT_DEVICE",
+    "Encoder",
+    "EncoderSpec",
+    "load_encoder",
+    "parse_spec",
+    "resolve_device",
+]

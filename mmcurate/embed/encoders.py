@@ -21,9 +21,10 @@ TINY_TIMM = "test_resnet"
 MAX_CAPTION_CHARS = 4096  # beyond any text tower's context; keeps tokenising huge captions cheap
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_DEVICE = "auto"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = DEFAULT_DEVICE) -> torch.device:
     """`auto` picks CUDA when present; `cuda` without a GPU is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -312,7 +313,7 @@ def _cached(spec: str, device: str) -> Encoder:
     return _BUILDERS[parsed.kind](parsed, spec, torch.device(device))
 
 
-def load_encoder(spec: str, device: str = "auto") -> Encoder:
+def load_encoder(spec: str, device: str = DEFAULT_DEVICE) -> Encoder:
     """Turn a spec string into a ready encoder; loaded once per process and device."""
     parse_spec(spec)
     return _cached(spec, str(resolve_device(device)))

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmcurate.data import IMG_KEY, TXT_KEY
 from mmcurate.data.shards import ShardItem, iter_samples, shard_items
 from mmcurate.data.store import is_done, write_stem
-from mmcurate.embed.encoders import load_encoder, resolve_device
+from mmcurate.embed.encoders import DEFAULT_DEVICE, load_encoder, resolve_device
 from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import ShardError
 
@@ -33,7 +33,7 @@ class EmbedConfig:
     text_model: str | None = None
     modality: str = "both"
     batch_size: int = 256
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     decode_workers: int = 2
 
     @property

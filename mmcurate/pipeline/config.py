@@ -29,6 +29,7 @@ from mmcurate.distill.distiller import SAVE_EVERY
 from mmcurate.distill.evaluate import EvalConfig
 from mmcurate.distill.evaluate_stage import BASELINES
 from mmcurate.distill.presets import DistillConfig, resolve_config
+from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.embed.stage import EmbedConfig
 from mmcurate.engine import ExecutorConfig
 from mmcurate.errors import UsageError
@@ -43,7 +44,7 @@ class PipelineSettings:
 
     out: str | None = None
     seed: int = 0
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     max_failed_items: int = 0
 
 
