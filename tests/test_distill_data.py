@@ -56,7 +56,7 @@ def test_karpathy_json_train_and_test(tmp_path):
     )
     assert train.captions == ["A red thing.", "Red, again", "A green thing!"]
     assert train.image_index.tolist() == [0, 0, 1] and train.n_images == 2
-    assert train.skipped == {"undecodable image": 1, "missing caption": 1}
+    assert train.skipped == {"undecodable_image": 1, "missing_caption": 1}
     assert train.images.shape == (2, 8, 8, 3) and train.images.dtype == np.uint8
     assert tuple(train.images[0, 4, 4]) == (255, 0, 0)
     assert tuple(train.pixels([2])[0, 0, 0].tolist()) == (0, 255, 0)
@@ -116,6 +116,6 @@ def test_shards_with_a_broken_shard(tmp_path):
         pairs = load_pairs(
             str(tmp_path / "shards"), image_size=16, text_encoder=TEXT, cache_dir=tmp_path / "c"
         )
-    assert pairs.n_pairs == 10 and pairs.skipped == {"broken shard": 1}
+    assert pairs.n_pairs == 10 and pairs.skipped == {"broken_shard": 1}
     assert pairs.image_index.tolist() == list(range(10))
     assert pairs.texts.shape == (10, 64)

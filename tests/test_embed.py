@@ -117,7 +117,7 @@ def test_bad_input_is_counted_and_reported_without_traceback(tmp_path):
     assert not (out / "corrupt.done.json").exists()
     assert not (out / "corrupt.parquet").exists()
     flawed = json.loads((out / "flawed.done.json").read_text())
-    assert flawed["skipped"] == {"missing caption": 2, "undecodable image": 1}
+    assert flawed["skipped"] == {"missing_caption": 2, "undecodable_image": 1}
     assert flawed["read"] == 20 and flawed["rows"] == 17
     assert pq.read_table(out / "flawed.parquet").num_rows == 17
     for stem, rows in (("good-a", 17), ("good-b", 10)):
@@ -138,7 +138,7 @@ def test_duplicate_uid_within_a_shard_is_skipped(tmp_path):
     out = tmp_path / "store"
     assert _embed([shard], out).exit_code == 0
     done = json.loads((out / "dups.done.json").read_text())
-    assert done["skipped"] == {"duplicate uid": 1} and done["rows"] == 4
+    assert done["skipped"] == {"duplicate_uid": 1} and done["rows"] == 4
 
 
 def test_image_modality_embeds_a_folder_of_images(tmp_path):

@@ -187,6 +187,42 @@ def test_datacomp_layout_scores_with_l14_keys(tmp_path):
     assert not list(store.glob("*.done.json"))
 
 
+def _datacomp_store(root: Path, families: dict[str, int]) -> dict[str, np.ndarray]:
+    """A DataComp-like metadata directory: parquet with uid/text, npz with the given families
+    (name -> dim), no done markers; returns the arrays written."""
+    root.mkdir()
+    rng = np.random.default_rng(7)
+    arrays: dict[str, np.ndarray] = {}
+    for name, d in families.items():
+        img, txt = pairs(rng, 30, d)
+        arrays[f"{name}_img"], arrays[f"{name}_txt"] = img, txt
+    uids = [f"{i:032x}" for i in range(30)]
+    pq.write_table(pa.table({"uid": uids, "text": ["x"] * 30}), root / "0000000.parquet")
+    np.savez(root / "0000000.npz", **arrays)
+    return arrays
+
+
+def test_npz_keys_are_detected_and_reported(tmp_path):
+    arrays = _datacomp_store(tmp_path / "l14", {"l14": 12})
+    result = run_cli(tmp_path / "l14", "--out", tmp_path / "s", "--batch-size", "8", "--k", "1")
+    assert result.exit_code == 0, result.output
+    assert "npz keys: l14_img/l14_txt" in result.output
+    got = read_sidecar(tmp_path / "s", "0000000").column("clipscore").to_numpy()
+    own = (arrays["l14_img"].astype(np.float32) * arrays["l14_txt"].astype(np.float32)).sum(1)
+    np.testing.assert_allclose(got, own, atol=1e-6)
+    _datacomp_store(tmp_path / "both", {"l14": 12, "b32": 8})
+    ambiguous = run_cli(tmp_path / "both", "--out", tmp_path / "t")
+    assert ambiguous.exit_code == 2
+    assert ambiguous.output.strip().splitlines() == [
+        f"Error: store {tmp_path / 'both'} holds several embedding families "
+        "(l14_img/l14_txt, b32_img/b32_txt): choose one with --img-key/--txt-key"
+    ]
+    chosen = run_cli(
+        tmp_path / "both", "--out", tmp_path / "u", "--img-key", "b32_img", "--txt-key", "b32_txt"
+    )
+    assert chosen.exit_code == 0 and "npz keys: b32_img/b32_txt" in chosen.output
+
+
 def test_tau_defaults_to_inverse_logit_scale_recorded_in_store(tmp_path):
     store = tmp_path / "store"
     make_store(store, [40], stats={"logit_scale": 50.0})

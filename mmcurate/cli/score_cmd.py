@@ -55,14 +55,12 @@ from mmcurate.curate.score_stage import run_score
 @click.option(
     "--img-key",
     default=default(ScoreConfig, "img_key"),
-    show_default=True,
-    help="npz key of image embeddings.",
+    help="npz key of image embeddings. Default: img, else l14_img or b32_img, as present.",
 )
 @click.option(
     "--txt-key",
     default=default(ScoreConfig, "txt_key"),
-    show_default=True,
-    help="npz key of text embeddings.",
+    help="npz key of text embeddings. Default: txt, else l14_txt or b32_txt, as present.",
 )
 @click.option(
     "--normsim-index",
@@ -79,9 +77,11 @@ from mmcurate.curate.score_stage import run_score
 def score(store, out, json_path, executor, **options) -> None:
     """Score every pair of an embedding store into <stem>.scores.parquet sidecars."""
     summary = run_score(store, out, ScoreConfig(**options), executor)
+    keys = "/".join(filter(None, (summary["img_key"], summary["txt_key"])))
     extra = {
         "windows": f"{summary['windows']} ({summary['stems']} stems)",
         "metrics": ", ".join(summary["metrics"]),
+        "npz keys": keys,
     }
     if "negclip" in summary["metrics"]:
         extra["negclip"] = (

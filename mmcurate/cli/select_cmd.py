@@ -40,8 +40,7 @@ def _stage_line(stage: dict) -> str:
 @click.option(
     "--img-key",
     default=default(SelectConfig, "img_key"),
-    show_default=True,
-    help="Image array in the store.",
+    help="Image array in the store (normsim_d). Default: detected as by score.",
 )
 @click.option(
     "--seed",

@@ -73,13 +73,14 @@ def read_pool(
     """Read only `uid` and the named score columns into preallocated arrays."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from tqdm import tqdm
+
+    from mmcurate.progress import progress_bar
 
     offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
     total = int(offsets[-1])
     pairs = np.empty(total, dtype=UID_DTYPE)
     scores = {m: np.empty(total, dtype=np.float32) for m in metrics}
-    bar = tqdm(paths, desc="select: reading scores", unit="file", disable=not progress)
+    bar = progress_bar(paths, desc="select: reading scores", unit="file", disable=not progress)
     for i, path in enumerate(bar):
         stem = sidecar_stem(path)
         try:

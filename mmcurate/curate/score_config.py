@@ -10,8 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mmcurate.curate.targets import cached_target
-from mmcurate.data import IMG_KEY, TXT_KEY
-from mmcurate.data.store import store_logit_scale
+from mmcurate.data.store import detect_keys, store_logit_scale
 from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.errors import UsageError
 
@@ -23,7 +22,8 @@ DEFAULT_TAU = 0.01
 @dataclass(frozen=True)
 class ScoreConfig:
     """Options of `mmcurate score`; empty `metrics` means clipscore and negclip (+ normsim with a
-    target), empty `p` means ∞, a None `temperature` means 1/logit_scale of the store, else 0.01."""
+    target), empty `p` means ∞, a None `temperature` means 1/logit_scale of the store, else 0.01,
+    and None npz keys are detected (`data.store.detect_keys`)."""
 
     metrics: tuple[str, ...] = ()
     p: tuple[str, ...] = ()
@@ -33,8 +33,8 @@ class ScoreConfig:
     k: int = 10
     window: int = 1_048_576
     seed: int = 0
-    img_key: str = IMG_KEY
-    txt_key: str = TXT_KEY
+    img_key: str | None = None
+    txt_key: str | None = None
     normsim_index: str = "flat"
     device: str = DEFAULT_DEVICE
 
@@ -54,7 +54,7 @@ class ScoreJob:
     window: int
     seed: int
     img_key: str
-    txt_key: str
+    txt_key: str | None
     targets: tuple[str, ...]
     target_shape: tuple[int, int] | None
     normsim_index: str
@@ -130,6 +130,11 @@ def resolve_score(store: str, out: str, config: ScoreConfig) -> ScoreJob:
     parsed = tuple(dict.fromkeys(parse_p(p) for p in config.p)) or (math.inf,)
     if "normsim" not in chosen and (targets or config.p):
         warnings.warn("--target and --p are ignored without --metric normsim", stacklevel=2)
+    need_txt = "clipscore" in chosen or "negclip" in chosen
+    img_key, txt_key = config.img_key, config.txt_key
+    if img_key is None or (need_txt and txt_key is None):
+        found_img, found_txt = detect_keys(store, need_txt)
+        img_key, txt_key = img_key or found_img, txt_key or found_txt
     target_paths: tuple[str, ...] = ()
     target_shape = None
     if "normsim" in chosen:
@@ -137,7 +142,7 @@ def resolve_score(store: str, out: str, config: ScoreConfig) -> ScoreJob:
             if not Path(t).exists():
                 raise UsageError(f"target file not found: {t}")
         target_paths = tuple(str(Path(t).resolve()) for t in targets)
-        target_shape = tuple(cached_target(target_paths, config.img_key).shape)
+        target_shape = tuple(cached_target(target_paths, img_key).shape)
     tau, source = _temperature(store, config)
     columns = [m for m in ("clipscore", "negclip") if m in chosen]
     if "normsim" in chosen:
@@ -153,8 +158,8 @@ def resolve_score(store: str, out: str, config: ScoreConfig) -> ScoreJob:
         k=int(config.k),
         window=int(config.window),
         seed=int(config.seed),
-        img_key=config.img_key,
-        txt_key=config.txt_key,
+        img_key=img_key,
+        txt_key=txt_key,
         targets=target_paths,
         target_shape=target_shape,
         normsim_index=config.normsim_index,

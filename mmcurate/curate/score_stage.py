@@ -18,7 +18,6 @@ import functools
 import math
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from mmcurate.curate.normsim import MaxAbsIndex, estimate_recall, gram, normsim_
 from mmcurate.curate.score_config import ScoreConfig, ScoreJob, normsim_column, resolve_score
 from mmcurate.curate.scores import clipscore, negclip_scores
 from mmcurate.curate.targets import cached_derived, cached_target
+from mmcurate.curate.validity import valid_rows
 from mmcurate.curate.windows import WindowItem, WindowRows, window_is_done, window_items
 from mmcurate.data.atomic import write_json_atomic, write_parquet_atomic
 from mmcurate.data.store import done_path, read_stem
@@ -35,7 +35,6 @@ from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import ShardError
 
 RECALL_QUERIES = 1000
-SCAN_BLOCK = 65536
 
 
 def _gram(job: ScoreJob) -> np.ndarray:
@@ -49,32 +48,6 @@ def _index(job: ScoreJob) -> MaxAbsIndex:
 
 
 # --------------------------------------------------------------------------- one window
-
-
-def _valid_rows(uids: list, arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
-    """Row indices to score, and the skipped rows counted by reason (one reason per row)."""
-    n = len(uids)
-    finite = np.ones(n, dtype=bool)
-    for arr in arrays:
-        for r0 in range(0, n, SCAN_BLOCK):
-            block = np.asarray(arr[r0 : r0 + SCAN_BLOCK])
-            finite[r0 : r0 + SCAN_BLOCK] &= np.isfinite(block).all(axis=1)
-    missing = np.array([u is None or u == "" for u in uids], dtype=bool)
-    seen: set = set()
-    duplicate = np.zeros(n, dtype=bool)
-    for i, u in enumerate(uids):
-        if missing[i] or not finite[i]:
-            continue
-        if u in seen:
-            duplicate[i] = True
-        seen.add(u)
-    skipped = {
-        "missing_uid": int(missing.sum()),
-        "nonfinite_embedding": int((~missing & ~finite).sum()),
-        "duplicate_uid": int(duplicate.sum()),
-    }
-    valid = np.flatnonzero(~missing & finite & ~duplicate)
-    return valid, {k: v for k, v in skipped.items() if v}
 
 
 def _open_stem(job: ScoreJob, stem: str, keys: list[str]) -> tuple[Any, dict, int]:
@@ -115,7 +88,7 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
             failed[stem] = str(exc)
             continue
         uid_col = meta.column("uid")
-        valid, skipped = _valid_rows(uid_col.to_pylist(), [arrays[k] for k in keys])
+        valid, skipped = valid_rows(uid_col.to_pylist(), [arrays[k] for k in keys])
         stems.append(
             {
                 "stem": stem,
@@ -252,6 +225,8 @@ def run_score(store: str, out: str, config: ScoreConfig, executor: Executor) -> 
             "k": job.k,
             "window": job.window,
             "seed": job.seed,
+            "img_key": job.img_key,
+            "txt_key": job.txt_key,
             "out": job.out,
         }
     )

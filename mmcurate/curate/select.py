@@ -12,7 +12,6 @@ import numpy as np
 from mmcurate.curate.normsim_d import normsim_d_stage
 from mmcurate.curate.pool import find_sidecars, read_pool, sidecar_rows, sidecar_stem
 from mmcurate.curate.rules import NORMSIM_D, apply_rule, parse_rule
-from mmcurate.data import IMG_KEY
 from mmcurate.data.subset import load_subset, write_subset
 from mmcurate.data.uid import UID_DTYPE, intersect_pairs, sort_unique_pairs, union_pairs
 from mmcurate.errors import UsageError
@@ -23,13 +22,14 @@ DEFAULT_RECIPE = ("negclip:0.3", "normsim_inf:0.2")
 @dataclass(frozen=True)
 class SelectConfig:
     """Options of `mmcurate select`: the --keep rules in order (none: DEFAULT_RECIPE), subset
-    files to combine, and the store, image key, iterations and seed of a NormSim-D stage."""
+    files to combine, and the store, image key (None: detected), iterations and seed of a
+    NormSim-D stage."""
 
     keep: tuple[str, ...] = ()
     union: tuple[str, ...] = ()
     intersect: tuple[str, ...] = ()
     store: str | None = None
-    img_key: str = IMG_KEY
+    img_key: str | None = None
     normsim_d_iters: int = 500
     seed: int = 0
 
@@ -54,8 +54,9 @@ def select(
         metrics = list(dict.fromkeys(r.metric for r in parsed if r.metric != NORMSIM_D))
         rows = sidecar_rows(paths, metrics)
         if uses_d:
-            from mmcurate.data.store import finished_stems
+            from mmcurate.data.store import detect_keys, finished_stems
 
+            img_key = config.img_key or detect_keys(store, need_txt=False)[0]
             absent = sorted({sidecar_stem(p) for p in paths} - set(finished_stems(store)))
             if absent:
                 raise UsageError(
@@ -73,7 +74,7 @@ def select(
         for rule in parsed:
             if rule.metric == NORMSIM_D:
                 survivors, record = normsim_d_stage(
-                    rule, pool, survivors, store, config.img_key, config.normsim_d_iters, seed
+                    rule, pool, survivors, store, img_key, config.normsim_d_iters, seed
                 )
             else:
                 survivors, record = apply_rule(
@@ -89,9 +90,7 @@ def select(
             duplicate_uids=int(len(survivors) - len(selected)),
         )
         if uses_d:
-            report.update(
-                store=str(store), img_key=config.img_key, normsim_d_iters=config.normsim_d_iters
-            )
+            report.update(store=str(store), img_key=img_key, normsim_d_iters=config.normsim_d_iters)
 
     result = union_pairs(selected, *(s for _, s in union_sets))
     report["union"] = [{"path": p, "count": int(len(s))} for p, s in union_sets]

@@ -9,28 +9,27 @@ from typing import Any
 
 import numpy as np
 
-from mmcurate.data import IMG_KEY
-from mmcurate.data.store import finished_stems, read_arrays
+from mmcurate.data.store import detect_keys, finished_stems, npz_keys, read_arrays
 from mmcurate.errors import MmcurateError, UsageError
 
 PT_KEYS = ("image_features",)
 _CACHE: dict[tuple, Any] = {}
 
 
-def _from_store(path: Path, img_key: str) -> np.ndarray:
-    parts = []
-    for stem in finished_stems(path):
-        try:
-            arr = read_arrays(path, stem, [img_key])[img_key]
-        except MmcurateError as exc:
-            raise UsageError(f"target store {path}: {exc}") from None
-        parts.append(np.asarray(arr, dtype=np.float32))
-    if not parts:
+def _from_store(path: Path, img_key: str | None) -> np.ndarray:
+    stems = finished_stems(path)
+    if not stems:
         raise UsageError(f"target store {path} holds no finished stems")
-    return np.concatenate(parts)
+    try:
+        if img_key not in npz_keys(path, stems[0]):
+            img_key = detect_keys(path, need_txt=False)[0]
+        parts = [read_arrays(path, stem, [img_key])[img_key] for stem in stems]
+    except MmcurateError as exc:
+        raise UsageError(f"target store {path}: {exc}") from None
+    return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
 
 
-def _from_pt(path: Path, img_key: str) -> np.ndarray:
+def _from_pt(path: Path, img_key: str | None) -> np.ndarray:
     import torch
 
     try:
@@ -40,7 +39,7 @@ def _from_pt(path: Path, img_key: str) -> np.ndarray:
         raise UsageError(f"cannot load target {path} with weights_only=True: {first}") from None
     if isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and v.ndim == 2}
-        key = next((k for k in (*PT_KEYS, img_key) if k in tensors), None)
+        key = next((k for k in (*PT_KEYS, img_key) if k and k in tensors), None)
         if key is None and len(tensors) == 1:
             key = next(iter(tensors))
         if key is None:
@@ -54,7 +53,7 @@ def _from_pt(path: Path, img_key: str) -> np.ndarray:
     return obj.detach().float().numpy()
 
 
-def _load_one(path: Path, img_key: str) -> np.ndarray:
+def _load_one(path: Path, img_key: str | None) -> np.ndarray:
     if not path.exists():
         raise UsageError(f"target file not found: {path}")
     if path.is_dir():
@@ -71,9 +70,12 @@ def _load_one(path: Path, img_key: str) -> np.ndarray:
 
 
 def load_target(
-    paths: str | os.PathLike | Sequence[str | os.PathLike], img_key: str = IMG_KEY
+    paths: str | os.PathLike | Sequence[str | os.PathLike], img_key: str | None = None
 ) -> np.ndarray:
-    """The L2-normalised target matrix T (n, d) float32; several paths are concatenated."""
+    """The L2-normalised target matrix T (n, d) float32; several paths are concatenated.
+
+    A store target is read at `img_key` when its npz has it, else at its detected image key.
+    """
     items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     if not items:
         raise UsageError("no target given")
@@ -105,7 +107,7 @@ def _file_state(path: str) -> tuple:
     return (path, st.st_mtime_ns, st.st_size)
 
 
-def cached_target(paths: Sequence[str], img_key: str) -> np.ndarray:
+def cached_target(paths: Sequence[str], img_key: str | None) -> np.ndarray:
     """The loaded target matrix, cached per process (one target set, keyed by its files' state)."""
     key = ("T", tuple(_file_state(p) for p in paths), img_key)
     if key not in _CACHE:
@@ -115,7 +117,7 @@ def cached_target(paths: Sequence[str], img_key: str) -> np.ndarray:
 
 
 def cached_derived(
-    paths: Sequence[str], img_key: str, name: str, build: Callable[[np.ndarray], Any]
+    paths: Sequence[str], img_key: str | None, name: str, build: Callable[[np.ndarray], Any]
 ) -> Any:
     """What `build` makes from the cached target (a Gram matrix, an index), once per process."""
     targets = cached_target(paths, img_key)

@@ -18,6 +18,8 @@ from mmcurate.errors import ShardError, UsageError
 
 DONE_SUFFIX = ".done.json"
 META_COLUMNS = ("uid", "key", "caption", "url", "shard")
+IMG_KEY, TXT_KEY = "img", "txt"  # as `mmcurate embed` writes them
+KEY_FAMILIES = ((IMG_KEY, TXT_KEY), ("l14_img", "l14_txt"), ("b32_img", "b32_txt"))
 
 
 def done_path(out_dir: str | os.PathLike, stem: str) -> Path:
@@ -140,11 +142,7 @@ def read_arrays(
     """Memory-mapped embedding arrays of a stem, checked against the parquet's row count."""
     path = Path(store_dir) / f"{stem}.npz"
     out: dict[str, np.ndarray] = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            present = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ShardError(f"{stem}: unreadable npz {path.name}: {exc}") from None
+    present = npz_keys(store_dir, stem)
     for key in keys:
         if key not in present:
             raise ShardError(f"{stem}: npz has no array {key!r} (it has {sorted(present)})")
@@ -189,3 +187,48 @@ def store_logit_scale(store_dir: str | os.PathLike) -> float | None:
             if math.isfinite(value) and value > 0:
                 return float(value)
     return None
+
+
+def npz_keys(store_dir: str | os.PathLike, stem: str) -> list[str]:
+    """The array names of a stem's npz, read from its zip directory."""
+    path = Path(store_dir) / f"{stem}.npz"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ShardError(f"{stem}: unreadable npz {path.name}: {exc}") from None
+
+
+def detect_keys(store_dir: str | os.PathLike, need_txt: bool = True) -> tuple[str, str | None]:
+    """The npz keys of a store when none are given: `img`/`txt` when present, else the one
+    DataComp family (`l14_*` or `b32_*`) it holds; several is a UsageError.
+
+    The first stem whose npz holds a family decides. With none found the defaults stand, and
+    every stem then fails on its own, naming the arrays it has.
+    """
+    present: set[str] = set()
+    found: list[tuple[str, str]] = []
+    for stem in finished_stems(store_dir):
+        try:
+            present = set(npz_keys(store_dir, stem))
+        except ShardError:
+            continue
+        found = [
+            (img, txt)
+            for img, txt in KEY_FAMILIES
+            if img in present and (txt in present or not need_txt)
+        ]
+        if found:
+            break
+    if found and found[0][0] == IMG_KEY:
+        found = found[:1]
+    if len(found) == 1:
+        img, txt = found[0]
+        return img, txt if txt in present else None
+    if not found:
+        return IMG_KEY, TXT_KEY if need_txt else None
+    listed = ", ".join(f"{i}/{t}" for i, t in found)
+    raise UsageError(
+        f"store {store_dir} holds several embedding families ({listed}): "
+        "choose one with --img-key/--txt-key"
+    )

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmcurate.data.atomic import save_npy_atomic
 from mmcurate.data.store import read_done, read_stem, write_stem
@@ -31,6 +30,7 @@ from mmcurate.data.uid import sample_uid
 from mmcurate.distill.sources import RawPairs, is_json, read_json, read_shards, shard_urls
 from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.errors import MmcurateError, ShardError, UsageError
+from mmcurate.progress import progress_bar
 
 MAX_CAPTION_WORDS = 30
 TEXT_KEY = "txt_cls"
@@ -86,7 +86,7 @@ def encode_captions(encoder, captions: Sequence[str], batch_size: int = 256) -> 
     """Cleaned captions -> float32 (n, d) CLS features of the frozen text encoder."""
     cleaned = [clean_caption(c) for c in captions]
     chunks = []
-    for start in tqdm(
+    for start in progress_bar(
         range(0, len(cleaned), batch_size), desc="encode captions", unit="batch", leave=False
     ):
         chunks.append(encoder.encode_texts(cleaned[start : start + batch_size], normalize=False))

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmcurate.data.atomic import torch_save_atomic
 from mmcurate.distill.buffers import Buffers, derive_seed, load_buffers
@@ -23,6 +22,7 @@ from mmcurate.distill.similarity import make_similarity
 from mmcurate.distill.sources import absolute_data
 from mmcurate.distill.students import Student, build_student, normalize_images
 from mmcurate.errors import MmcurateError, UsageError
+from mmcurate.progress import progress_bar
 
 RESUMABLE_IGNORE = ("iterations",)
 SAVE_EVERY = 100
@@ -269,14 +269,13 @@ def _loop(
     n_experts = len(buffers.experts)
     losses: list[float] = []
     began = time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar(
         range(start, config.iterations),
         initial=start,
         total=config.iterations,
         desc="distill",
         unit="it",
         disable=not progress,
-        dynamic_ncols=True,
     )
     for it in bar:
         expert = int(torch.randint(n_experts, (1,), generator=gen))

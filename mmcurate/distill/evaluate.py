@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmcurate.distill.artifact import artifact_config_of, similarity_matrix
 from mmcurate.distill.buffers import Buffers, derive_seed
@@ -22,6 +21,7 @@ from mmcurate.distill.presets import mtt_config
 from mmcurate.distill.students import Student, build_student, normalize_images
 from mmcurate.errors import MmcurateError, UsageError
 from mmcurate.metrics.retrieval import mean_recall, retrieval_recall, summarize_runs
+from mmcurate.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,9 @@ def evaluate_small_set(
         )
     runs = [
         student_recall(small, test, cfg, k, device)
-        for k in tqdm(range(cfg.num_eval), desc="evaluate", unit="student", disable=not progress)
+        for k in progress_bar(
+            range(cfg.num_eval), desc="evaluate", unit="student", disable=not progress
+        )
     ]
     summary = summarize_runs(runs)
     return {

@@ -14,11 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from mmcurate.data.shards import expand_sources, iter_samples, shard_stem
+from mmcurate.data.skips import (
+    BROKEN_SHARD,
+    DUPLICATE_UID,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    UNDECODABLE_IMAGE,
+)
 from mmcurate.data.uid import sample_uid
 from mmcurate.errors import ShardError, UsageError
+from mmcurate.progress import progress_bar
 
 
 def _resize_square(im, size: int) -> np.ndarray:
@@ -116,7 +123,7 @@ def read_json(path: Path, size: int, image_root: str | None) -> RawPairs:
     names = list(order)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         decoded = list(
-            tqdm(
+            progress_bar(
                 pool.map(lambda n: _decode_file(root / n, size), names),
                 total=len(names),
                 desc=f"decode {path.name}",
@@ -126,11 +133,11 @@ def read_json(path: Path, size: int, image_root: str | None) -> RawPairs:
     raw = RawPairs([], [], [], [], [], [], [], Counter())
     for name, pixels in zip(names, decoded, strict=True):
         if pixels is None:
-            raw.skipped["undecodable image"] += len(order[name])
+            raw.skipped[UNDECODABLE_IMAGE] += len(order[name])
             continue
         kept = [(c, j) for c, j in order[name] if c.strip()]
         if len(kept) < len(order[name]):
-            raw.skipped["missing caption"] += len(order[name]) - len(kept)
+            raw.skipped[MISSING_CAPTION] += len(order[name]) - len(kept)
         if not kept:
             continue
         for caption, j in kept:
@@ -148,7 +155,7 @@ def read_json(path: Path, size: int, image_root: str | None) -> RawPairs:
 def read_shards(urls: Sequence[str], size: int) -> RawPairs:
     """webdataset shards: one pair per sample; a broken shard is left out with a warning."""
     raw = RawPairs([], [], [], [], [], [], [], Counter())
-    for url in tqdm(urls, desc="read shards", unit="shard"):
+    for url in progress_bar(urls, desc="read shards", unit="shard"):
         stem = shard_stem(url)
         rows: list[tuple] = []
         seen: set[str] = set()
@@ -156,24 +163,24 @@ def read_shards(urls: Sequence[str], size: int) -> RawPairs:
             for sample in iter_samples(url):
                 caption = (sample["caption"] or "").strip()
                 if not sample["image"]:
-                    raw.skipped["missing image"] += 1
+                    raw.skipped[MISSING_IMAGE] += 1
                     continue
                 if not caption:
-                    raw.skipped["missing caption"] += 1
+                    raw.skipped[MISSING_CAPTION] += 1
                     continue
                 if sample["uid"] in seen:
-                    raw.skipped["duplicate uid"] += 1
+                    raw.skipped[DUPLICATE_UID] += 1
                     continue
                 try:
                     pixels = decode_bytes(sample["image"], size)
                 except Exception:
-                    raw.skipped["undecodable image"] += 1
+                    raw.skipped[UNDECODABLE_IMAGE] += 1
                     continue
                 seen.add(sample["uid"])
                 rows.append((pixels, caption, sample["uid"], sample["key"], sample["url"]))
         except ShardError as exc:
             warnings.warn(f"shard left out: {exc}", stacklevel=2)
-            raw.skipped["broken shard"] += 1
+            raw.skipped[BROKEN_SHARD] += 1
             continue
         for pixels, caption, uid, key, url_field in rows:
             raw.image_index.append(len(raw.images))

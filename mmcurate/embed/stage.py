@@ -15,9 +15,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmcurate.data import IMG_KEY, TXT_KEY
 from mmcurate.data.shards import ShardItem, iter_samples, shard_items
-from mmcurate.data.store import is_done, write_stem
+from mmcurate.data.skips import (
+    DUPLICATE_UID,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    NONFINITE_EMBEDDING,
+    UNDECODABLE_IMAGE,
+)
+from mmcurate.data.store import IMG_KEY, TXT_KEY, is_done, write_stem
 from mmcurate.embed.encoders import DEFAULT_DEVICE, load_encoder, resolve_device
 from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import ShardError
@@ -58,9 +64,9 @@ def decode_image(data: bytes, preprocess: Callable) -> torch.Tensor:
 
 def _sample_problem(sample: dict, needs_image: bool, needs_text: bool) -> str | None:
     if needs_image and not sample["image"]:
-        return "missing image"
+        return MISSING_IMAGE
     if needs_text and not (sample["caption"] or "").strip():
-        return "missing caption"
+        return MISSING_CAPTION
     return None
 
 
@@ -83,7 +89,7 @@ class ShardBatches(IterableDataset):
                 try:
                     tensor = decode_image(s["image"], self.preprocess)
                 except Exception:
-                    problem = "undecodable image"
+                    problem = UNDECODABLE_IMAGE
             if problem is not None:
                 problems.append((s["uid"], problem))
                 continue
@@ -150,7 +156,7 @@ def embed_shard(config: EmbedConfig, out: str, item: ShardItem) -> dict:
         keep = []
         for i, row in enumerate(batch["rows"]):
             if row["uid"] in seen:
-                skipped["duplicate uid"] += 1
+                skipped[DUPLICATE_UID] += 1
                 continue
             seen.add(row["uid"])
             keep.append(i)
@@ -162,7 +168,7 @@ def embed_shard(config: EmbedConfig, out: str, item: ShardItem) -> dict:
         if text_enc:
             parts.append(text_enc.encode_texts([batch["rows"][i]["caption"] for i in keep]).numpy())
         finite = np.all([np.isfinite(p).all(axis=1) for p in parts], axis=0)
-        skipped["nan embedding"] += int((~finite).sum())
+        skipped[NONFINITE_EMBEDDING] += int((~finite).sum())
         for j, i in enumerate(keep):
             if finite[j]:
                 rows.append(batch["rows"][i])

@@ -9,9 +9,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tqdm import tqdm
-
 from mmcurate.errors import MmcurateError
+from mmcurate.progress import progress_bar
 
 
 class WorkItem(Protocol):
@@ -90,7 +89,7 @@ class Progress:
     """A progress bar over work items that also shows samples/s from finished items' stats."""
 
     def __init__(self, total: int, desc: str, count_key: str = "rows") -> None:
-        self.bar = tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True)
+        self.bar = progress_bar(total=total, desc=desc, unit="item")
         self.count_key = count_key
         self.samples = 0
         self.start = time.perf_counter()

@@ -69,7 +69,7 @@ SHARD_FAULTS = (
     "trailing_garbage",
     "trailing_directory",
 )
-EMBED_REASONS = {"missing image", "missing caption", "undecodable image", "duplicate uid"}
+EMBED_REASONS = {"missing_image", "missing_caption", "undecodable_image", "duplicate_uid"}
 
 
 @dataclass
@@ -346,11 +346,11 @@ def expected_problem(sample: Sample, modality: str = "both") -> str | None:
     needs_image = modality in ("both", "image")
     needs_text = modality in ("both", "text")
     if needs_image and sample.image == "missing":
-        return "missing image"
+        return "missing_image"
     if needs_text and not (sample.caption or "").strip():
-        return "missing caption"
+        return "missing_caption"
     if needs_image and sample.image == "undecodable":
-        return "undecodable image"
+        return "undecodable_image"
     if needs_image and sample.image == MAYBE:
         return MAYBE
     return None

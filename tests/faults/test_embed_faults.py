@@ -76,13 +76,13 @@ def check_complete_shard(shard: Shard, out: Path, modality: str) -> None:
     problems = [expected_problem(s, modality) for s in shard.samples]
     certain = Counter(p for p in problems if p not in (None, MAYBE))
     maybe = problems.count(MAYBE)
-    for reason in ("missing image", "missing caption"):
+    for reason in ("missing_image", "missing_caption"):
         assert skipped[reason] == certain[reason], (reason, skipped, shard.faults)
-    undecodable = skipped["undecodable image"]
-    assert certain["undecodable image"] <= undecodable <= certain["undecodable image"] + maybe
+    undecodable = skipped["undecodable_image"]
+    assert certain["undecodable_image"] <= undecodable <= certain["undecodable_image"] + maybe
     candidates = [s for s, p in zip(shard.samples, problems) if p in (None, MAYBE)]
-    decoded = len(candidates) - (undecodable - certain["undecodable image"])
-    assert skipped["duplicate uid"] == decoded - len(meta), (skipped, shard.faults)
+    decoded = len(candidates) - (undecodable - certain["undecodable_image"])
+    assert skipped["duplicate_uid"] == decoded - len(meta), (skipped, shard.faults)
 
     uids = [row["uid"] for row in meta]
     assert len(set(uids)) == len(uids), "a uid was written twice"
@@ -253,7 +253,7 @@ def test_image_folder_with_broken_files(tmp_path):
     assert run.crash is None and run.exit_code == 0, run.output
     done = json.loads((out / "images.done.json").read_text())
     assert done["read"] == 7
-    assert done["skipped"] == {"missing image": 2, "undecodable image": 1}
+    assert done["skipped"] == {"missing_image": 2, "undecodable_image": 1}
     keys = pq.read_table(out / "images.parquet").column("key").to_pylist()
     assert keys == ["name\ufffd.png", "sub/ok0.png", "sub/ok1.png", "sub/ok2.png"]
 

@@ -1,0 +1,25 @@
+"""Why a sample or a row is skipped: one vocabulary for every stage's done markers and summaries.
+
+Skipped samples are counted by reason and never fail a run (SPEC §9); `read == written +
+sum(skipped)` holds per shard.
+"""
+
+MISSING_IMAGE = "missing_image"
+MISSING_CAPTION = "missing_caption"
+UNDECODABLE_IMAGE = "undecodable_image"
+UNSAFE_NAME = "unsafe_name"
+DUPLICATE_UID = "duplicate_uid"
+MISSING_UID = "missing_uid"
+NONFINITE_EMBEDDING = "nonfinite_embedding"
+BROKEN_SHARD = "broken_shard"
+
+REASONS = {
+    MISSING_IMAGE: "no image member (or a symlink in its place)",
+    MISSING_CAPTION: "no caption, or an empty one",
+    UNDECODABLE_IMAGE: "the image does not decode (truncated, not an image, too large)",
+    UNSAFE_NAME: "a member name that could escape the output directory",
+    DUPLICATE_UID: "a uid seen before in the same shard",
+    MISSING_UID: "a store row without a uid",
+    NONFINITE_EMBEDDING: "an embedding holding NaN or Inf",
+    BROKEN_SHARD: "distill data: a shard that could not be read, left out whole (counts shards)",
+}
