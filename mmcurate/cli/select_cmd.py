@@ -6,9 +6,14 @@ import click
 
 from mmcurate.cli.common import default, executor_options, finish, print_summary
 from mmcurate.curate.reshard import ReshardConfig, reshard
+from mmcurate.curate.rules import TIES
 from mmcurate.curate.select import DEFAULT_RECIPE, SelectConfig, run_select
 from mmcurate.data.atomic import write_json_atomic
 from mmcurate.data.subset import record_path
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in counts.items())
 
 
 def _stage_line(stage: dict) -> str:
@@ -16,6 +21,10 @@ def _stage_line(stage: dict) -> str:
     extra = f", nan {stage['nan']}" if stage.get("nan") else ""
     if stage["kind"] == "fraction" and cutoff is not None:
         extra += f", cutoff {cutoff:.6g}"
+    if stage.get("ties") == "datacomp":
+        extra += f", DataComp rule at index {stage['index']}"
+        if cutoff is None:
+            extra += " (past the scored rows: all kept)"
     return f"  {stage['rule']:<24} kept {stage['count']} of {stage['input']}{extra}"
 
 
@@ -26,7 +35,17 @@ def _stage_line(stage: dict) -> str:
     "--keep",
     multiple=True,
     help="metric:FRACTION (of the whole pool), metric>=X, metric<=X, or normsim_d:FRACTION; "
-    f"in order. Default: {' then '.join(DEFAULT_RECIPE)}.",
+    "in order. A metric is a score column (also DataComp's clip_l14_similarity_score). "
+    f"Default: {' then '.join(DEFAULT_RECIPE)}.",
+)
+@click.option(
+    "--ties",
+    type=click.Choice(TIES),
+    default=default(SelectConfig, "ties"),
+    show_default=True,
+    help="Fraction rules: exact keeps floor(f·N), ties to the smaller uid; datacomp keeps "
+    "every row scoring at least the one at index int(N·f) of the descending sort, as "
+    "DataComp's baselines do.",
 )
 @click.option("--union", multiple=True, type=click.Path(), help="Add a subset file (repeatable).")
 @click.option("--intersect", multiple=True, type=click.Path(), help="Intersect with a subset file.")
@@ -54,9 +73,8 @@ def select_cmd(scores, out, json_path, **options) -> None:
     """Keep the best pairs of a scored pool: chained --keep stages, then --union/--intersect."""
     report = run_select(scores, out, SelectConfig(**options))
     if scores is not None:
-        click.echo(
-            f"\nmmcurate select: pool {report['pool']} rows in {report['sidecars']} sidecars"
-        )
+        files = "sidecars" if report["source"] == "sidecars" else "metadata files"
+        click.echo(f"\nmmcurate select: pool {report['pool']} rows in {report['sidecars']} {files}")
         for stage in report["stages"]:
             click.echo(_stage_line(stage))
         if report["duplicate_uids"]:
@@ -100,6 +118,11 @@ def reshard_cmd(src, subset, out, shard_size, json_path, executor) -> None:
     }
     if summary["renamed_keys"]:
         lines["keys renamed to avoid a clash in a shard"] = summary["renamed_keys"]
+    if summary.get("skipped"):
+        lines["samples skipped (not copied)"] = _counts(summary["skipped"])
+    if summary.get("uid_sources"):
+        lines["uids of the samples read"] = _counts(summary["uid_sources"])
+    lines["layout"] = "img2dataset (NNNNN.tar + .parquet + _stats.json), sizes.json"
     if summary.get("already_complete"):
         click.echo("\nmmcurate reshard: already complete (same subset, sources and shard size)")
         for key, value in lines.items():

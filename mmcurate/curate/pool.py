@@ -1,10 +1,19 @@
-"""The candidate pool of `select`: uids and the named score columns, read from score sidecars."""
+"""The candidate pool of `select`: uids and score columns, read from parquet one column at a time.
+
+A SCORES directory holds `<stem>.scores.parquet` sidecars (what `mmcurate score` writes). A
+directory without any, such as DataComp's metadata (`<stem>.parquet` with `uid` and the
+precomputed `clip_l14_similarity_score` / `clip_b32_similarity_score`), is read through its
+`<stem>.parquet` files instead. Only `uid` and the named columns are ever read: a rule reads
+its column, and uids are read at the end for the survivors (and at a tied cut-off), so the
+pool never holds every uid and every column at once.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +22,14 @@ from mmcurate.data.uid import UID_DTYPE, hex_to_pairs
 from mmcurate.errors import ShardError, UsageError
 
 SIDECAR_SUFFIX = ".scores.parquet"
+METADATA_SUFFIX = ".parquet"
+DONE_SUFFIX = ".done.json"
+UID_BLOCK = 8192
 
 
 def find_sidecars(scores_dir: str | os.PathLike) -> list[Path]:
-    """The `<stem>.scores.parquet` files of a SCORES directory, sorted by stem."""
+    """The score files of a SCORES directory, sorted by stem: its `.scores.parquet` sidecars,
+    else (a DataComp metadata directory) its `<stem>.parquet` files."""
     root = Path(scores_dir)
     if root.is_file():
         raise UsageError(
@@ -26,32 +39,67 @@ def find_sidecars(scores_dir: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise UsageError(f"scores directory not found: {root}")
     paths = sorted(root.glob(f"*{SIDECAR_SUFFIX}"))
+    if paths:
+        return paths
+    paths = _finished(root, sorted(root.glob(f"*{METADATA_SUFFIX}")))
     if not paths:
-        raise UsageError(f"no {SIDECAR_SUFFIX} files in {root}")
+        raise UsageError(f"no {SIDECAR_SUFFIX} (or DataComp metadata .parquet) files in {root}")
     return paths
 
 
+def _finished(root: Path, paths: list[Path]) -> list[Path]:
+    """A directory with done markers keeps only the stems that have one (warning about the
+    rest); one with none (DataComp's) is taken whole."""
+    if not any(root.glob(f"*{DONE_SUFFIX}")):
+        return paths
+    done = [p for p in paths if (root / f"{sidecar_stem(p)}{DONE_SUFFIX}").is_file()]
+    left = [sidecar_stem(p) for p in paths if p not in done]
+    if left:
+        warnings.warn(
+            f"{len(left)} unfinished stem(s) left out of {root}: {', '.join(left[:5])}",
+            stacklevel=3,
+        )
+    return done
+
+
+def is_metadata(path: Path) -> bool:
+    """True for a `<stem>.parquet` metadata file (not a score sidecar)."""
+    return not path.name.endswith(SIDECAR_SUFFIX)
+
+
 def sidecar_stem(path: Path) -> str:
-    """The shard stem a sidecar belongs to."""
-    return path.name[: -len(SIDECAR_SUFFIX)]
+    """The shard stem a score file belongs to."""
+    suffix = METADATA_SUFFIX if is_metadata(path) else SIDECAR_SUFFIX
+    return path.name[: -len(suffix)]
+
+
+def _is_number(dtype) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_floating(dtype) or pa.types.is_integer(dtype)
 
 
 def sidecar_rows(paths: Sequence[Path], metrics: Sequence[str]) -> list[int]:
-    """Row counts from the parquet footers; a missing metric column is refused before work."""
+    """Row counts from the parquet footers; a missing metric column is refused before work,
+    in one line listing the number columns that file does have."""
     import pyarrow.parquet as pq
 
     rows = []
     for path in paths:
         try:
             meta = pq.read_metadata(path)
+            schema = meta.schema.to_arrow_schema()
         except Exception as exc:
-            raise UsageError(f"unreadable score sidecar {path}: {exc}") from None
-        schema = meta.schema.to_arrow_schema()
+            raise UsageError(f"unreadable score file {path}: {exc}") from None
         missing = [m for m in ("uid", *metrics) if m not in schema.names]
         if missing:
-            have = sorted(set(schema.names) - {"uid"})
+            have = [f.name for f in schema if f.name != "uid" and _is_number(f.type)]
+            hint = ""
+            if is_metadata(path):
+                hint = f"; no {SIDECAR_SUFFIX} files there, run `mmcurate score` for computed ones"
             raise UsageError(
-                f"{path.name} has no column {missing[0]!r} (score metrics there: {', '.join(have)})"
+                f"{path.name} has no column {missing[0]!r} "
+                f"(score columns there: {', '.join(have) or 'none'}{hint})"
             )
         rows.append(meta.num_rows)
     return rows
@@ -59,44 +107,84 @@ def sidecar_rows(paths: Sequence[Path], metrics: Sequence[str]) -> list[int]:
 
 @dataclass
 class Pool:
-    """The candidate pool: uid pairs, the needed score columns, and sidecar row offsets."""
+    """The candidate pool: its score files, their row offsets, and columns read on demand."""
 
-    pairs: np.ndarray
-    scores: dict[str, np.ndarray]
+    paths: list[Path]
     offsets: np.ndarray
     stems: list[str]
+    progress: bool = True
+    _pairs: np.ndarray | None = field(default=None, repr=False)
 
+    @property
+    def size(self) -> int:
+        """Rows in the pool."""
+        return int(self.offsets[-1])
 
-def read_pool(
-    paths: Sequence[Path], metrics: Sequence[str], rows: Sequence[int], progress: bool = True
-) -> Pool:
-    """Read only `uid` and the named score columns into preallocated arrays."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    def _table(self, i: int, columns: list[str]):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    from mmcurate.progress import progress_bar
-
-    offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
-    total = int(offsets[-1])
-    pairs = np.empty(total, dtype=UID_DTYPE)
-    scores = {m: np.empty(total, dtype=np.float32) for m in metrics}
-    bar = progress_bar(paths, desc="select: reading scores", unit="file", disable=not progress)
-    for i, path in enumerate(bar):
-        stem = sidecar_stem(path)
+        # Arrow's allocator keeps freed blocks; hand the last file's back before the next read.
+        pa.default_memory_pool().release_unused()
+        stem = self.stems[i]
         try:
-            table = pq.read_table(path, columns=["uid", *metrics])
+            table = pq.read_table(self.paths[i], columns=columns)
         except Exception as exc:
-            raise ShardError(f"{stem}: unreadable score sidecar: {exc}") from None
-        if table.num_rows != rows[i]:
-            raise ShardError(f"{stem}: sidecar changed while reading")
-        lo, hi = offsets[i], offsets[i + 1]
-        try:
-            pairs[lo:hi] = hex_to_pairs(table.column("uid"))
-        except ValueError as exc:
-            raise ShardError(f"{stem}: bad uid column: {exc}") from None
-        for m in metrics:
-            column = table.column(m)
-            if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
-                raise ShardError(f"{stem}: score column {m!r} holds {column.type}, not numbers")
-            scores[m][lo:hi] = column.to_numpy(zero_copy_only=False)
-    return Pool(pairs, scores, offsets, [sidecar_stem(p) for p in paths])
+            raise ShardError(f"{stem}: unreadable score file: {exc}") from None
+        if table.num_rows != self.offsets[i + 1] - self.offsets[i]:
+            raise ShardError(f"{stem}: score file changed while reading")
+        return table
+
+    def column(self, metric: str) -> np.ndarray:
+        """One score column over the pool: float64 when stored so (DataComp's), else float32."""
+        import pyarrow as pa
+
+        from mmcurate.progress import progress_bar
+
+        out: np.ndarray | None = None
+        bar = progress_bar(
+            range(len(self.paths)), desc=f"select: reading {metric}", disable=not self.progress
+        )
+        for i in bar:
+            values = self._table(i, [metric]).column(metric)
+            if not _is_number(values.type):
+                raise ShardError(
+                    f"{self.stems[i]}: score column {metric!r} holds {values.type}, not numbers"
+                )
+            if out is None:
+                dtype = np.float64 if pa.types.is_float64(values.type) else np.float32
+                out = np.empty(self.size, dtype=dtype)
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            out[lo:hi] = values.to_numpy(zero_copy_only=False)
+        return out if out is not None else np.empty(0, np.float32)
+
+    def pairs_at(self, rows: np.ndarray) -> np.ndarray:
+        """The uid pairs of ascending row positions; every file's uids are read and checked,
+        block by block, so parsing never holds more than a block's temporaries."""
+        if self._pairs is not None:
+            return self._pairs[rows]
+        out = np.empty(len(rows), dtype=UID_DTYPE)
+        for i in range(len(self.paths)):
+            column = self._table(i, ["uid"]).column("uid").combine_chunks()
+            lo = int(self.offsets[i])
+            for start in range(0, len(column), UID_BLOCK):
+                try:
+                    pairs = hex_to_pairs(column.slice(start, UID_BLOCK))
+                except ValueError as exc:
+                    raise ShardError(f"{self.stems[i]}: bad uid column: {exc}") from None
+                a, b = np.searchsorted(rows, [lo + start, lo + start + len(pairs)])
+                out[a:b] = pairs[rows[a:b] - (lo + start)]
+        return out
+
+    @property
+    def pairs(self) -> np.ndarray:
+        """Every uid of the pool, read once on first use (the NormSim-D stage needs them)."""
+        if self._pairs is None:
+            self._pairs = self.pairs_at(np.arange(self.size))
+        return self._pairs
+
+
+def open_pool(paths: Sequence[Path], rows: Sequence[int], progress: bool = True) -> Pool:
+    """A pool over the score files with these row counts; nothing is read yet."""
+    offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
+    return Pool(list(paths), offsets, [sidecar_stem(p) for p in paths], progress)

@@ -1,9 +1,15 @@
-"""`--keep` rules of SPEC §5: parsing, and what one fraction or threshold rule keeps."""
+"""`--keep` rules of SPEC §5: parsing, and what one fraction or threshold rule keeps.
+
+Fraction rules keep exactly floor(f·N) rows with ties to the smaller uid (`--ties exact`, the
+default), or follow DataComp's baselines (`--ties datacomp`): threshold at index int(N·f) of
+the descending sort, every row at or above it kept.
+"""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -13,6 +19,9 @@ import numpy as np
 from mmcurate.errors import UsageError
 
 NORMSIM_D = "normsim_d"
+EXACT = "exact"
+DATACOMP = "datacomp"
+TIES = (EXACT, DATACOMP)
 _OPS = (">=", "<=", ">", "<")
 _COMPARE = {
     ">=": np.greater_equal,
@@ -20,7 +29,9 @@ _COMPARE = {
     ">": np.greater,
     "<": np.less,
 }
-_METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Column names as `score` writes them (normsim_2.5, normsim_1e-05) and DataComp's.
+_METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.+-]*$")
+PairsAt = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -76,52 +87,96 @@ def keep_count(fraction: Fraction, pool_size: int) -> int:
     return math.floor(fraction * pool_size)
 
 
-def top_k(
-    scores: np.ndarray, pairs: np.ndarray, k: int, rows: np.ndarray | None = None
-) -> np.ndarray:
-    """Positions (ascending) of the k best scores; at equal score the smaller uid wins.
+def datacomp_index(fraction: float, pool_size: int) -> int:
+    """DataComp's cut-off index `int(N * f)`, in float arithmetic as its baselines compute it."""
+    return int(pool_size * fraction)
 
-    The uid of position i is `pairs[rows[i]]` (or `pairs[i]` without rows); only the uids at
-    the cut-off score are looked at, so the pool's uids are never copied.
+
+def _exact_cut(
+    column: np.ndarray, alive: np.ndarray, values: np.ndarray, k: int, pairs_at: PairsAt
+) -> tuple[np.ndarray, float | None]:
+    """The k best scored rows of `alive` (ties to the smaller uid) and the lowest kept score.
+
+    `values` is `column[alive]`, reordered here; NaN sorts last, so `partition` finds the
+    k-th largest among the scored values. Uids are read only when rows tie at the cut-off.
     """
-    n = len(scores)
-    if k >= n:
-        return np.arange(n)
+    scored = len(values) - int(np.count_nonzero(np.isnan(values)))
     if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    kth = np.partition(scores, n - k)[n - k]
-    above = np.flatnonzero(scores > kth)
-    ties = np.flatnonzero(scores == kth)
-    tied = pairs[ties if rows is None else rows[ties]]
-    order = np.lexsort((tied["f1"], tied["f0"]))
-    return np.sort(np.concatenate([above, ties[order[: k - len(above)]]]))
+        return np.zeros_like(alive), None
+    if k >= scored:
+        keep = ~np.isnan(column)
+        keep &= alive
+        return keep, float(np.nanmin(values)) if scored else None
+    values.partition(scored - k)
+    kth = values[scored - k]
+    keep = column > kth
+    keep &= alive
+    need = k - int(np.count_nonzero(keep))
+    tied = column == kth
+    tied &= alive
+    rows = np.flatnonzero(tied)
+    del tied
+    if len(rows) > need:
+        pairs = pairs_at(rows)
+        rows = rows[np.lexsort((pairs["f1"], pairs["f0"]))[:need]]
+    keep[rows] = True
+    return keep, float(kth)
+
+
+def _datacomp_cut(
+    column: np.ndarray, alive: np.ndarray, values: np.ndarray, index: int
+) -> tuple[np.ndarray, float | None]:
+    """DataComp's rule: the threshold is the score at `index` of the descending sort (NaN
+    last), and every row scoring at least that is kept, ties included.
+
+    When the index falls past the scored rows, DataComp's code takes a NaN threshold (or
+    fails at f = 1); here every scored row is kept instead, and the threshold is None.
+    """
+    scored = len(values) - int(np.count_nonzero(np.isnan(values)))
+    if index >= scored:
+        keep = ~np.isnan(column)
+        keep &= alive
+        return keep, None
+    values.partition(scored - 1 - index)
+    threshold = values[scored - 1 - index]
+    keep = column >= threshold
+    keep &= alive
+    return keep, float(threshold)
 
 
 def apply_rule(
-    rule: Rule, column: np.ndarray, pairs: np.ndarray, rows: np.ndarray, pool_size: int
+    rule: Rule,
+    column: np.ndarray,
+    alive: np.ndarray,
+    pool_size: int,
+    pairs_at: PairsAt,
+    ties: str = EXACT,
 ) -> tuple[np.ndarray, dict]:
-    """The rows (ascending) that a fraction or threshold rule keeps, NaN never, and its record."""
-    values = column[rows]
-    nan = np.isnan(values)
-    n_nan = int(nan.sum())
+    """The rows (a mask) that a fraction or threshold rule keeps of `alive`, NaN never, and
+    its record. `pairs_at(rows)` gives the uids of ascending row positions."""
+    values = column[alive]
     record: dict[str, Any] = {
         "rule": rule.text,
         "metric": rule.metric,
-        "input": int(len(rows)),
-        "nan": n_nan,
+        "input": int(len(values)),
+        "nan": int(np.count_nonzero(np.isnan(values))),
     }
-    if rule.is_fraction:
-        if n_nan:
-            rows, values = rows[~nan], values[~nan]
-        target = keep_count(rule.fraction, pool_size)
-        pos = top_k(values, pairs, target, rows)
-        cutoff = float(values[pos].min()) if len(pos) else None
-        keep = rows[pos]
-        record.update(kind="fraction", fraction=rule.value, target=target, threshold=cutoff)
-    else:
+    if not rule.is_fraction:
+        del values
         with np.errstate(over="ignore"):
-            bound = np.float32(rule.value)
-        keep = rows[_COMPARE[rule.op](values, bound)]
+            bound = column.dtype.type(rule.value)
+        keep = _COMPARE[rule.op](column, bound)
+        keep &= alive
         record.update(kind="threshold", op=rule.op, threshold=rule.value)
-    record["count"] = int(len(keep))
+    elif ties == DATACOMP:
+        index = datacomp_index(rule.value, pool_size)
+        keep, cutoff = _datacomp_cut(column, alive, values, index)
+        record.update(
+            kind="fraction", ties=DATACOMP, fraction=rule.value, index=index, threshold=cutoff
+        )
+    else:
+        target = keep_count(rule.fraction, pool_size)
+        keep, cutoff = _exact_cut(column, alive, values, target, pairs_at)
+        record.update(kind="fraction", fraction=rule.value, target=target, threshold=cutoff)
+    record["count"] = int(np.count_nonzero(keep))
     return keep, record

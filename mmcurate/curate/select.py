@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from mmcurate.curate.normsim_d import normsim_d_stage
-from mmcurate.curate.pool import find_sidecars, read_pool, sidecar_rows, sidecar_stem
-from mmcurate.curate.rules import NORMSIM_D, apply_rule, parse_rule
+from mmcurate.curate.pool import find_sidecars, is_metadata, open_pool, sidecar_rows, sidecar_stem
+from mmcurate.curate.rules import EXACT, NORMSIM_D, TIES, apply_rule, parse_rule
 from mmcurate.data.subset import load_subset, write_subset
 from mmcurate.data.uid import UID_DTYPE, intersect_pairs, sort_unique_pairs, union_pairs
 from mmcurate.errors import UsageError
@@ -21,11 +21,13 @@ DEFAULT_RECIPE = ("negclip:0.3", "normsim_inf:0.2")
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """Options of `mmcurate select`: the --keep rules in order (none: DEFAULT_RECIPE), subset
-    files to combine, and the store, image key (None: detected), iterations and seed of a
-    NormSim-D stage."""
+    """Options of `mmcurate select`: the --keep rules in order (none: DEFAULT_RECIPE), how a
+    fraction rule cuts ties (exact count or DataComp's threshold rule), subset files to
+    combine, and the store, image key (None: detected), iterations and seed of a NormSim-D
+    stage."""
 
     keep: tuple[str, ...] = ()
+    ties: str = EXACT
     union: tuple[str, ...] = ()
     intersect: tuple[str, ...] = ()
     store: str | None = None
@@ -43,6 +45,8 @@ def select(
         raise UsageError("--keep needs a SCORES directory")
     if scores_dir is None and not config.union:
         raise UsageError("give a SCORES directory or at least one --union subset file")
+    if config.ties not in TIES:
+        raise UsageError(f"--ties must be {' or '.join(TIES)}, got {config.ties!r}")
     parsed = [parse_rule(r) for r in (rules or (DEFAULT_RECIPE if scores_dir else ()))]
     if config.normsim_d_iters < 1:
         raise UsageError("--normsim-d-iters must be at least 1")
@@ -68,31 +72,37 @@ def select(
 
     selected = np.empty(0, dtype=UID_DTYPE)
     if scores_dir is not None:
-        pool = read_pool(paths, metrics, rows, progress)
-        n = len(pool.pairs)
-        survivors = np.arange(n)
+        pool = open_pool(paths, rows, progress)
+        n = pool.size
+        alive = np.ones(n, dtype=bool)
         for rule in parsed:
             if rule.metric == NORMSIM_D:
-                survivors, record = normsim_d_stage(
-                    rule, pool, survivors, store, img_key, config.normsim_d_iters, seed
+                kept, record = normsim_d_stage(
+                    rule, pool, np.flatnonzero(alive), store, img_key, config.normsim_d_iters, seed
                 )
+                alive = np.zeros(n, dtype=bool)
+                alive[kept] = True
             else:
-                survivors, record = apply_rule(
-                    rule, pool.scores[rule.metric], pool.pairs, survivors, n
-                )
+                column = pool.column(rule.metric)
+                alive, record = apply_rule(rule, column, alive, n, pool.pairs_at, config.ties)
+                del column
             report["stages"].append(record)
-        selected = sort_unique_pairs(pool.pairs[survivors])
+        survivors = np.flatnonzero(alive)
+        del alive
+        selected = sort_unique_pairs(pool.pairs_at(survivors))
         report.update(
             scores=str(scores_dir),
+            source="metadata" if is_metadata(paths[0]) else "sidecars",
             sidecars=len(paths),
             pool=n,
+            ties=config.ties,
             selected=int(len(selected)),
             duplicate_uids=int(len(survivors) - len(selected)),
         )
         if uses_d:
             report.update(store=str(store), img_key=img_key, normsim_d_iters=config.normsim_d_iters)
 
-    result = union_pairs(selected, *(s for _, s in union_sets))
+    result = union_pairs(selected, *(s for _, s in union_sets)) if union_sets else selected
     report["union"] = [{"path": p, "count": int(len(s))} for p, s in union_sets]
     report["after_union"] = int(len(result))
     for _, s in intersect_sets:
