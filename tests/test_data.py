@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 
 import numpy as np
@@ -12,9 +13,10 @@ import pytest
 import webdataset as wds
 
 from mmcurate.data.atomic import atomic_path, save_npz_atomic
+from mmcurate.data.shard_writer import write_shard
 from mmcurate.data.shards import expand_sources, iter_samples, shard_stem
 from mmcurate.data.store import finished_stems, read_arrays, read_meta, read_stem, write_stem
-from mmcurate.data.uid import pair_to_uid, sample_uid, uid_pairs
+from mmcurate.data.uid import pair_to_uid, sample_uid, uid_and_source, uid_pairs
 from mmcurate.errors import ShardError, UsageError
 
 
@@ -35,6 +37,51 @@ def test_uid_rule():
     assert pairs.dtype == np.dtype("u8,u8")
     assert int(pairs[0]["f0"]) == int(given[:16], 16) and int(pairs[0]["f1"]) == int(given[16:], 16)
     assert pair_to_uid(pairs[0]["f0"], pairs[0]["f1"]) == given.lower()
+
+
+GIVEN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("meta", "source"),
+    [
+        ({"uid": GIVEN}, "json"),
+        ({"uid": GIVEN.upper()}, "json"),
+        (None, "derived"),
+        ({"url": "x"}, "derived"),
+        ({"uid": None}, "derived"),
+        ({"uid": GIVEN[:31]}, "malformed_uid"),
+        ({"uid": GIVEN + "0"}, "malformed_uid"),
+        ({"uid": "g" * 32}, "malformed_uid"),
+        ({"uid": ""}, "malformed_uid"),
+        ({"uid": f" {GIVEN}"}, "malformed_uid"),
+        ({"uid": int(GIVEN[:30], 16)}, "malformed_uid"),
+        ({"uid": [GIVEN]}, "malformed_uid"),
+    ],
+)
+def test_uid_source_of_each_json_uid_form(meta, source):
+    uid, got = uid_and_source("00042", "k1", meta)
+    assert got == source
+    derived = hashlib.md5(b"00042/k1").hexdigest()
+    assert uid == (GIVEN if source == "json" else derived)
+
+
+def test_reader_reports_where_each_uid_came_from(tmp_path):
+    """A malformed json uid is derived instead and flagged; the sample is kept."""
+    uids = [GIVEN, "not a uid", None, GIVEN.upper()[:20]]
+    samples = []
+    for i, uid in enumerate(uids):
+        meta = json.dumps({"caption": f"c{i}", **({"uid": uid} if uid else {})}).encode()
+        samples.append((f"{i:04d}", {"json": meta, "jpg": b"x"}))
+    path = write_shard(tmp_path / "s.tar", samples)
+    got = [(s["key"], s["uid"], s["uid_source"]) for s in iter_samples(str(path))]
+    md5 = [hashlib.md5(f"s/{i:04d}".encode()).hexdigest() for i in range(4)]
+    assert got == [
+        ("0000", GIVEN, "json"),
+        ("0001", md5[1], "malformed_uid"),
+        ("0002", md5[2], "derived"),
+        ("0003", md5[3], "malformed_uid"),
+    ]
 
 
 def test_sources_braces_globs_and_fsspec_urls(corpus3):

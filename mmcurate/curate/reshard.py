@@ -1,10 +1,13 @@
 """Reshard (SPEC §5): write a subset's samples, each once, with their original files, as new tars.
 
 Two steps. Each source shard is filtered on the engine into a part (`<out>/.parts/<stem>.tar`
-plus an index of its uids, keys and member counts, then a done marker). A sequential packing
-step then streams the parts in source order into `{i:05d}.tar` shards of `shard_size` samples,
-keeping the first occurrence of every uid. Re-runs skip finished parts, and skip the packing
-when `reshard.json` records the same subset, sources and shard size as complete.
+plus an index of its uids, keys and member counts, then a done marker). A sample with an
+unsafe member name or a link member is skipped and counted, never copied. A sequential packing
+step then streams the parts in source order into `NNNNN.tar` shards of `shard_size` samples,
+keeping the first occurrence of every uid, in img2dataset's layout: each shard with its
+`NNNNN.parquet` and `NNNNN_stats.json`, and `sizes.json` for open_clip. Re-runs skip finished
+parts, and skip the packing when `reshard.json` records the same subset, sources and shard
+size as complete.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import re
 import shutil
 import sys
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +30,16 @@ from typing import Any
 import numpy as np
 
 from mmcurate.data.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
-from mmcurate.data.shard_writer import shard_writer
-from mmcurate.data.shards import ShardItem, iter_samples, shard_items
+from mmcurate.data.shard_writer import (
+    SIZES,
+    STATS_SUFFIX,
+    metadata_row,
+    shard_name,
+    shard_writer,
+    write_shard_metadata,
+    write_sizes,
+)
+from mmcurate.data.shards import ShardItem, copy_problem, iter_samples, shard_items
 from mmcurate.data.subset import load_subset
 from mmcurate.data.uid import (
     UID_DTYPE,
@@ -42,7 +54,7 @@ from mmcurate.errors import UsageError
 PARTS = ".parts"
 MANIFEST = "reshard.json"
 NOT_FOUND = "not_found.npy"
-_SHARD_NAME = re.compile(r"^[0-9]{5,}\.tar$")
+_OUTPUT_NAME = re.compile(rf"^[0-9]{{5,}}(\.tar|\.parquet|{STATS_SUFFIX})$")
 
 
 @dataclass(frozen=True)
@@ -89,12 +101,20 @@ def filter_shard(job: PartJob, item: ShardItem) -> dict:
     keys: list[str] = []
     members: list[int] = []
     seen: set[str] = set()
-    read = duplicates = 0
+    read = duplicates = not_selected = 0
+    skipped: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
     with shard_writer(paths["tar"]) as write:
         for sample in iter_samples(item.url):
             read += 1
+            sources[sample["uid_source"]] += 1
             uid = sample["uid"]
+            problem = copy_problem(sample)
+            if problem:
+                skipped[problem] += 1
+                continue
             if not _in_subset(subset, uid):
+                not_selected += 1
                 continue
             if uid in seen:
                 duplicates += 1
@@ -115,7 +135,14 @@ def filter_shard(job: PartJob, item: ShardItem) -> dict:
             "members": np.array(members, dtype=np.int64),
         },
     )
-    stats = {"rows": len(uids), "read": read, "duplicates": duplicates}
+    stats = {
+        "rows": len(uids),
+        "read": read,
+        "duplicates": duplicates,
+        "not_selected": not_selected,
+        "skipped": dict(sorted(skipped.items())),
+        "uid_sources": dict(sorted(sources.items())),
+    }
     write_json_atomic(paths["done"], {**stats, "url": item.url, "fingerprint": job.fingerprint})
     return stats
 
@@ -131,6 +158,7 @@ def part_is_done(job: PartJob, item: ShardItem) -> bool:
         isinstance(done, dict)
         and done.get("url") == item.url
         and done.get("fingerprint") == job.fingerprint
+        and "uid_sources" in done
         and paths["tar"].is_file()
         and paths["index"].is_file()
     )
@@ -156,40 +184,63 @@ def _part_samples(
                 yield key, f"{int(pair['f0']):016x}{int(pair['f1']):016x}", files
 
 
+def _close_shard(stack: ExitStack, out: Path, name: str, rows: list[dict]) -> int:
+    """Finish a shard's tar, then write its img2dataset parquet and stats; its sample count."""
+    stack.close()
+    write_shard_metadata(out, name, rows)
+    return len(rows)
+
+
 def _write_shards(
     out: Path, samples: Iterator[tuple[str, str, list[tuple[str, bytes]]]], shard_size: int
-) -> tuple[list[str], int, int]:
-    """Write `{i:05d}.tar` shards of shard_size samples atomically; (names, samples, renamed)."""
-    names: list[str] = []
-    written = renamed = 0
+) -> tuple[dict[str, int], int]:
+    """Write `NNNNN.tar` shards of shard_size samples atomically, each with its parquet and
+    stats; returns ({shard file name: samples}, keys renamed)."""
+    sizes: dict[str, int] = {}
+    renamed = 0
     stack: ExitStack | None = None
     used: set[str] = set()
+    rows: list[dict] = []
+    name = ""
     try:
         for key, uid, files in samples:
             if stack is None:
-                stack = ExitStack()
-                name = f"{len(names):05d}.tar"
-                write = stack.enter_context(shard_writer(out / name))
-                used = set()
+                stack, name, used, rows = ExitStack(), shard_name(len(sizes)), set(), []
+                write = stack.enter_context(shard_writer(out / f"{name}.tar"))
             if key in used:
                 key = f"{key}_{uid}"
                 renamed += 1
             used.add(key)
             write(key, dict(files))
-            written += 1
-            if written % shard_size == 0:
-                stack.close()
-                stack = None
-                names.append(name)
+            rows.append(metadata_row(key, uid, dict(files)))
+            if len(rows) == shard_size:
+                finished, stack = stack, None
+                sizes[f"{name}.tar"] = _close_shard(finished, out, name, rows)
         if stack is not None:
-            stack.close()
-            stack = None
-            names.append(name)
+            finished, stack = stack, None
+            sizes[f"{name}.tar"] = _close_shard(finished, out, name, rows)
     except BaseException:
         if stack is not None:
             stack.__exit__(*sys.exc_info())
         raise
-    return names, written, renamed
+    return sizes, renamed
+
+
+def _outputs(out: Path, tar_name: str) -> list[Path]:
+    """An output shard's files: the tar, its parquet and its stats."""
+    stem = tar_name.removesuffix(".tar")
+    return [out / tar_name, out / f"{stem}.parquet", out / f"{stem}{STATS_SUFFIX}"]
+
+
+def _outputs_present(out: Path, tar_name: str) -> bool:
+    return all(p.is_file() for p in _outputs(out, tar_name))
+
+
+def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update({k: int(v) for k, v in c.items()})
+    return dict(sorted(total.items()))
 
 
 def _read_manifest(out: Path) -> dict:
@@ -215,13 +266,14 @@ def pack_parts(
             index = _read_index(parts, stem, ["uids", "keys", "members"])
             yield from _part_samples(parts, stem, index, k)
 
-    names, written, renamed = _write_shards(out, samples(), shard_size)
+    sizes, renamed = _write_shards(out, samples(), shard_size)
+    write_sizes(out, sizes)
     stats = {
-        "written": written,
+        "written": sum(sizes.values()),
         "duplicates_across_shards": int(len(keep) - keep.sum()),
         "renamed_keys": renamed,
     }
-    return names, stats, sort_unique_pairs(all_uids[keep])
+    return list(sizes), stats, sort_unique_pairs(all_uids[keep])
 
 
 def reshard(
@@ -252,7 +304,8 @@ def reshard(
     if (
         previous.get("complete")
         and all(previous.get(k) == v for k, v in config.items())
-        and all((out / n).is_file() for n in previous.get("shards", []))
+        and (out / SIZES).is_file()
+        and all(_outputs_present(out, str(n)) for n in previous.get("shards", []))
     ):
         return {**previous, "already_complete": True}
 
@@ -279,6 +332,9 @@ def reshard(
         "shards": names,
         "read": sum(int(m["read"]) for m in markers),
         "matched": sum(int(m["rows"]) for m in markers),
+        "not_selected": sum(int(m["not_selected"]) for m in markers),
+        "skipped": _sum_counts(m["skipped"] for m in markers),
+        "uid_sources": _sum_counts(m["uid_sources"] for m in markers),
         "duplicates_within_shards": sum(int(m["duplicates"]) for m in markers),
         **pack_stats,
         "not_found": int(len(missing)),
@@ -294,8 +350,9 @@ def reshard(
         (out / NOT_FOUND).unlink()
     write_json_atomic(out / MANIFEST, summary)
     for stale in set(previous.get("shards", [])) - set(names):
-        if _SHARD_NAME.match(str(stale)):
-            (out / stale).unlink(missing_ok=True)
+        for path in _outputs(out, str(stale)):
+            if _OUTPUT_NAME.match(path.name):
+                path.unlink(missing_ok=True)
     if summary["complete"]:
         shutil.rmtree(parts)
     return summary

@@ -1,4 +1,11 @@
-"""Shard reading: sources -> shard URLs -> samples (key, uid, files, caption, json, image)."""
+"""Shard reading: sources -> shard URLs -> samples (key, uid, files, caption, json, image).
+
+Every sample also says where its uid came from (`uid_source`: json, derived, or
+malformed_uid when its json carried a uid that is not 32 hex digits), and flags a member name
+that could escape the directory a tar is unpacked to, or that tar or webdataset would read
+differently (`problem` = UNSAFE_NAME). Link members (symlinks, hard links, devices) are never
+read; their extensions are listed in `links`.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +18,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmcurate.data.uid import sample_uid
+from mmcurate.data.skips import MISSING_IMAGE, UNSAFE_NAME
+from mmcurate.data.uid import uid_and_source
 from mmcurate.errors import ShardError, UsageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_FILE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTS)
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+# webdataset's split of a member name: the key ends at the first '.' of the last component.
+_KEY_EXT = re.compile(r"((?:.*/|)[^./]+)\.([^/]*)", re.DOTALL)
+# Control characters end or split names in tar and log lines; a backslash is a separator on
+# Windows, where `..\x` escapes the target directory.
+_BAD_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
 _BLOCK = 512
 
 
@@ -93,7 +105,28 @@ def _clean_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _finish_sample(stem: str, key: str, files: dict[str, bytes]) -> dict:
+def is_safe_path(name: str) -> bool:
+    """A relative path that stays inside the directory it is unpacked to: no empty, '.' or
+    '..' component (so not absolute), no control character, no backslash."""
+    if not name or _BAD_CHAR.search(name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def is_safe_key(key: str) -> bool:
+    """A sample key that is a safe path and that webdataset reads back as the same key (no
+    '.' in its last component). Sub-directories such as `part1/00001` are fine."""
+    return is_safe_path(key) and "." not in key.rsplit("/", 1)[-1]
+
+
+def is_safe_ext(ext: str) -> bool:
+    """A member extension that keeps `key.ext` one safe member name."""
+    return bool(ext) and "/" not in ext and not _BAD_CHAR.search(ext)
+
+
+def sample_fields(files: dict[str, bytes]) -> dict:
+    """What a sample's files say (extensions in any case): caption (the txt member, else the
+    json's caption), json metadata (a dict, or None), image bytes and extension, url."""
     lower = {ext.lower(): data for ext, data in files.items()}
     meta = None
     if "json" in lower:
@@ -108,16 +141,41 @@ def _finish_sample(stem: str, key: str, files: dict[str, bytes]) -> dict:
     elif meta is not None and isinstance(meta.get("caption"), str):
         caption = meta["caption"]
     image_ext = next((e for e in IMAGE_EXTS if e in lower), None)
+    url = (meta or {}).get("url")
     return {
-        "key": key,
-        "uid": sample_uid(stem, key, meta),
-        "files": files,
         "caption": caption,
         "json": meta,
         "image": lower[image_ext] if image_ext else None,
         "image_ext": image_ext,
-        "url": (meta or {}).get("url") if isinstance((meta or {}).get("url"), str) else None,
+        "url": url if isinstance(url, str) else None,
     }
+
+
+def _finish_sample(
+    stem: str, key: str, files: dict[str, bytes], links: tuple[str, ...] = ()
+) -> dict:
+    fields = sample_fields(files)
+    uid, source = uid_and_source(stem, key, fields["json"])
+    safe = is_safe_key(key) and all(is_safe_ext(e) for e in (*files, *links))
+    return {
+        "key": key,
+        "uid": uid,
+        "uid_source": source,
+        "files": files,
+        **fields,
+        "links": links,
+        "problem": None if safe else UNSAFE_NAME,
+    }
+
+
+def copy_problem(sample: dict) -> str | None:
+    """Why a sample cannot be copied as it is into a new shard: an unsafe name, or a link
+    member (counted as a missing image when it stood in for the image, as embed counts it)."""
+    if sample["problem"]:
+        return sample["problem"]
+    if any(ext.lower() in IMAGE_EXTS for ext in sample["links"]):
+        return MISSING_IMAGE
+    return UNSAFE_NAME if sample["links"] else None
 
 
 def _check_end_marker(fh, end: int, stem: str) -> None:
@@ -138,24 +196,27 @@ def _iter_tar(url: str, stem: str) -> Iterator[dict]:
             tar = tarfile.open(fileobj=fh, mode="r:")
         except tarfile.TarError as exc:
             raise ShardError(f"{stem}: not a readable tar ({exc})") from None
-        key, files, exts, end = None, {}, set(), 0
+        key, files, links, exts, end = None, {}, [], set(), 0
         try:
             for member in tar:
                 end = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
-                if not member.isfile():
+                if member.isdir():
                     continue
-                match = _KEY_EXT.match(_clean_name(member.name))
+                match = _KEY_EXT.fullmatch(_clean_name(member.name))
                 if not match:
                     continue
                 mkey, ext = match.group(1), match.group(2)
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
+                data = tar.extractfile(member).read() if member.isfile() else None
+                if data is not None and len(data) != member.size:
                     raise ShardError(f"{stem}: truncated tar (member {member.name} cut short)")
                 if key is not None and (mkey != key or ext.lower() in exts):
-                    yield _finish_sample(stem, key, files)
-                    files, exts = {}, set()
+                    yield _finish_sample(stem, key, files, tuple(links))
+                    files, links, exts = {}, [], set()
                 key = mkey
-                files[ext] = data
+                if data is None:
+                    links.append(ext)
+                else:
+                    files[ext] = data
                 exts.add(ext.lower())
         except tarfile.TarError as exc:
             raise ShardError(f"{stem}: corrupt tar ({exc})") from None
@@ -163,7 +224,7 @@ def _iter_tar(url: str, stem: str) -> Iterator[dict]:
             raise ShardError(f"{stem}: read error ({exc})") from None
         _check_end_marker(fh, end, stem)
         if key is not None:
-            yield _finish_sample(stem, key, files)
+            yield _finish_sample(stem, key, files, tuple(links))
 
 
 def _iter_folder(root: str, stem: str) -> Iterator[dict]:
@@ -178,7 +239,8 @@ def _iter_folder(root: str, stem: str) -> Iterator[dict]:
             data = path.read_bytes()
         except OSError:
             data = b""
-        yield {**_finish_sample(stem, rel, {ext: data}), "key": rel}
+        sample = _finish_sample(stem, rel, {ext: data})
+        yield {**sample, "problem": None if is_safe_path(rel) else UNSAFE_NAME}
 
 
 def iter_samples(url: str) -> Iterator[dict]:

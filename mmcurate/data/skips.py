@@ -1,7 +1,7 @@
 """Why a sample or a row is skipped: one vocabulary for every stage's done markers and summaries.
 
 Skipped samples are counted by reason and never fail a run (SPEC §9); `read == written +
-sum(skipped)` holds per shard.
+sum(skipped)` holds per shard. WARNINGS name what is counted but does not skip the sample.
 """
 
 MISSING_IMAGE = "missing_image"
@@ -22,4 +22,10 @@ REASONS = {
     MISSING_UID: "a store row without a uid",
     NONFINITE_EMBEDDING: "an embedding holding NaN or Inf",
     BROKEN_SHARD: "distill data: a shard that could not be read, left out whole (counts shards)",
+}
+
+MALFORMED_UID = "malformed_uid"
+
+WARNINGS = {
+    MALFORMED_UID: "a .json uid that is not 32 hex digits: the uid is derived instead, sample kept",
 }

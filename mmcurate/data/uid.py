@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from mmcurate.data.skips import MALFORMED_UID
+
 UID_DTYPE = np.dtype("u8,u8")
+UID_FROM_JSON = "json"
+UID_DERIVED = "derived"
+UID_SOURCES = (UID_FROM_JSON, UID_DERIVED, MALFORMED_UID)
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX_LUT = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
@@ -21,13 +26,26 @@ for _i, _c in enumerate(b"ABCDEF"):
     _HEX_LUT[_c] = 10 + _i
 
 
-def sample_uid(stem: str, key: str, meta: dict | None = None) -> str:
-    """The sample's uid: json["uid"] when present, else md5 of "stem/key"."""
-    if meta and meta.get("uid"):
-        uid = str(meta["uid"]).lower()
-        if _HEX32.match(uid):
-            return uid
+def uid_and_source(stem: str, key: str, meta: dict | None = None) -> tuple[str, str]:
+    """The sample's uid and where it came from: json["uid"] when it is 32 hex digits (any
+    case, lowercased), else md5 of "stem/key" ("derived"), flagged MALFORMED_UID when the
+    json carried a uid that is not 32 hex digits."""
+    given = (meta or {}).get("uid")
+    if given is not None:
+        if isinstance(given, str) and _HEX32.match(given.lower()):
+            return given.lower(), UID_FROM_JSON
+        return derived_uid(stem, key), MALFORMED_UID
+    return derived_uid(stem, key), UID_DERIVED
+
+
+def derived_uid(stem: str, key: str) -> str:
+    """The uid of a sample without one in its json: md5 of "stem/key"."""
     return hashlib.md5(f"{stem}/{key}".encode()).hexdigest()
+
+
+def sample_uid(stem: str, key: str, meta: dict | None = None) -> str:
+    """The sample's uid: json["uid"] when it is 32 hex digits, else md5 of "stem/key"."""
+    return uid_and_source(stem, key, meta)[0]
 
 
 def uid_pairs(uids: Sequence[str]) -> np.ndarray:
