@@ -79,12 +79,15 @@ def _is_number(dtype) -> bool:
     return pa.types.is_floating(dtype) or pa.types.is_integer(dtype)
 
 
-def sidecar_rows(paths: Sequence[Path], metrics: Sequence[str]) -> list[int]:
-    """Row counts from the parquet footers; a missing metric column is refused before work,
-    in one line listing the number columns that file does have."""
+def sidecar_rows(paths: Sequence[Path], metrics: Sequence[str]) -> tuple[list[int], set[str]]:
+    """Row counts from the parquet footers, and the metrics some file stores as float64; a
+    missing metric column is refused before work, in one line listing the number columns
+    that file does have."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = []
+    wide: set[str] = set()
     for path in paths:
         try:
             meta = pq.read_metadata(path)
@@ -102,7 +105,8 @@ def sidecar_rows(paths: Sequence[Path], metrics: Sequence[str]) -> list[int]:
                 f"(score columns there: {', '.join(have) or 'none'}{hint})"
             )
         rows.append(meta.num_rows)
-    return rows
+        wide.update(m for m in metrics if pa.types.is_float64(schema.field(m).type))
+    return rows, wide
 
 
 @dataclass
@@ -112,6 +116,7 @@ class Pool:
     paths: list[Path]
     offsets: np.ndarray
     stems: list[str]
+    wide: set[str] = field(default_factory=set)
     progress: bool = True
     _pairs: np.ndarray | None = field(default=None, repr=False)
 
@@ -136,12 +141,12 @@ class Pool:
         return table
 
     def column(self, metric: str) -> np.ndarray:
-        """One score column over the pool: float64 when stored so (DataComp's), else float32."""
-        import pyarrow as pa
-
+        """One score column over the pool: float64 when a file stores it so (DataComp's),
+        else float32."""
         from mmcurate.progress import progress_bar
 
-        out: np.ndarray | None = None
+        dtype = np.float64 if metric in self.wide else np.float32
+        out = np.empty(self.size, dtype=dtype)
         bar = progress_bar(
             range(len(self.paths)), desc=f"select: reading {metric}", disable=not self.progress
         )
@@ -151,12 +156,9 @@ class Pool:
                 raise ShardError(
                     f"{self.stems[i]}: score column {metric!r} holds {values.type}, not numbers"
                 )
-            if out is None:
-                dtype = np.float64 if pa.types.is_float64(values.type) else np.float32
-                out = np.empty(self.size, dtype=dtype)
             lo, hi = self.offsets[i], self.offsets[i + 1]
             out[lo:hi] = values.to_numpy(zero_copy_only=False)
-        return out if out is not None else np.empty(0, np.float32)
+        return out
 
     def pairs_at(self, rows: np.ndarray) -> np.ndarray:
         """The uid pairs of ascending row positions; every file's uids are read and checked,
@@ -184,7 +186,10 @@ class Pool:
         return self._pairs
 
 
-def open_pool(paths: Sequence[Path], rows: Sequence[int], progress: bool = True) -> Pool:
-    """A pool over the score files with these row counts; nothing is read yet."""
+def open_pool(
+    paths: Sequence[Path], rows: Sequence[int], wide: set[str], progress: bool = True
+) -> Pool:
+    """A pool over the score files with these row counts and float64 metrics; nothing is read
+    yet."""
     offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
-    return Pool(list(paths), offsets, [sidecar_stem(p) for p in paths], progress)
+    return Pool(list(paths), offsets, [sidecar_stem(p) for p in paths], set(wide), progress)

@@ -56,7 +56,7 @@ def select(
     if scores_dir is not None:
         paths = find_sidecars(scores_dir)
         metrics = list(dict.fromkeys(r.metric for r in parsed if r.metric != NORMSIM_D))
-        rows = sidecar_rows(paths, metrics)
+        rows, wide = sidecar_rows(paths, metrics)
         if uses_d:
             from mmcurate.data.store import detect_keys, finished_stems
 
@@ -72,7 +72,7 @@ def select(
 
     selected = np.empty(0, dtype=UID_DTYPE)
     if scores_dir is not None:
-        pool = open_pool(paths, rows, progress)
+        pool = open_pool(paths, rows, wide, progress)
         n = pool.size
         alive = np.ones(n, dtype=bool)
         for rule in parsed:
