@@ -1,5 +1,13 @@
 """Reliability figures of the fault suite: damaged inputs tried, crashes, samples lost, kills.
 
+Counting rules:
+- a *case* is one distinct damaged input (its files' digest) run by one command; running the
+  same command again over the same input is a *re-run*, counted apart;
+- samples lost are always computed, never given: `read - written - skipped`, where `read` is
+  how many samples the finished part of the input holds (the generator's ground truth) and
+  `written` and `skipped` come from the command's own records (done markers, summaries). A
+  `Tally` is only made by the `tally_*` functions below, which read those records.
+
 The fault tests and the kill test record into `FIGURES`; `tests/faults/conftest.py` prints the
 table at the end of a pytest session and writes it as JSON to `$MMCURATE_FIGURES` (default
 `.pytest_cache/mmcurate-fault-figures.json`). To produce the README figures in one go:
@@ -12,21 +20,100 @@ table as markdown.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_JSON = Path(".pytest_cache") / "mmcurate-fault-figures.json"
+_TOKEN = object()
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Samples of one run: the input's truth and what the command's records account for."""
+
+    read: int
+    written: int
+    skipped: int
+    records: tuple[str, ...]
+    token: object = None
+
+    def __post_init__(self) -> None:
+        if self.token is not _TOKEN:
+            raise TypeError("make a Tally with a tally_* function, from the command's records")
+
+    @property
+    def lost(self) -> int:
+        """Samples neither written nor counted as skipped."""
+        return self.read - self.written - self.skipped
+
+
+def _load(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a record")
+    return data
+
+
+def tally_markers(read: int, markers: Iterable[Path]) -> Tally:
+    """embed and score: `rows` written and `skipped` by reason, summed over the done markers
+    of the finished stems, whose samples (ground truth) number `read`."""
+    written = skipped = 0
+    records = []
+    for path in markers:
+        marker = _load(path)
+        written += int(marker["rows"])
+        skipped += sum(int(v) for v in marker["skipped"].values())
+        records.append(str(path))
+    return Tally(read, written, skipped, tuple(records), _TOKEN)
+
+
+def tally_select(read: int, record: Path) -> Tally:
+    """select: rows kept (the subset plus merged duplicate uids) and rows each stage dropped,
+    from subset.json; `read` is the pool's rows. No record (refused or failed): nothing."""
+    if not Path(record).is_file():
+        return Tally(0, 0, 0, (), _TOKEN)
+    data = _load(record)
+    dropped = sum(int(s["input"]) - int(s["count"]) for s in data["stages"])
+    kept = int(data["selected"]) + int(data["duplicate_uids"])
+    return Tally(read, kept, dropped, (str(record),), _TOKEN)
+
+
+def tally_reshard(read: int, summary: Path) -> Tally:
+    """reshard: samples written, and those not copied by design (not in the subset, a
+    repeated uid, skipped by reason), from its summary; `read` counts the finished shards."""
+    if not Path(summary).is_file():
+        return Tally(0, 0, 0, (), _TOKEN)
+    data = _load(summary)
+    not_copied = int(data["not_selected"]) + sum(int(v) for v in data["skipped"].values())
+    not_copied += int(data["duplicates_within_shards"]) + int(data["duplicates_across_shards"])
+    return Tally(read, int(data["written"]), not_copied, (str(summary),), _TOKEN)
+
+
+def input_digest(paths: Sequence[Path]) -> str:
+    """A digest of the damaged input: every file's relative name and bytes (dirs recursively)."""
+    h = hashlib.blake2b(digest_size=16)
+    for root in map(Path, paths):
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            h.update(str(path.relative_to(root.parent)).encode("utf-8", "surrogateescape"))
+            h.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return h.hexdigest()
 
 
 class Figures:
     """Counters filled by the tests while they run."""
 
     def __init__(self) -> None:
-        self.runs: Counter[str] = Counter()
+        self.seen: set[tuple[str, str]] = set()
+        self.cases: Counter[str] = Counter()
+        self.reruns: Counter[str] = Counter()
         self.damaged: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.samples: Counter[str] = Counter()
@@ -36,19 +123,21 @@ class Figures:
         self.kills_survived: Counter[str] = Counter()
 
     def record_run(
-        self,
-        command: str,
-        faults: list[str],
-        crash: str | None = None,
-        lost: int = 0,
-        read: int = 0,
+        self, command: str, digest: str, faults: list[str], crash: str | None, tally: Tally
     ) -> None:
-        """One command run over damaged inputs: its faults, a crash if any, samples lost."""
-        self.runs[command] += 1
-        self.damaged[command] += len(faults)
-        self.faults.update(faults)
-        self.samples[command] += read
-        self.lost[command] += lost
+        """One command run over the input with this digest: a new case the first time, a
+        re-run after; its faults, a crash if any, and the samples it lost."""
+        if not isinstance(tally, Tally):
+            raise TypeError("record_run needs a Tally made from the command's records")
+        if (command, digest) in self.seen:
+            self.reruns[command] += 1
+        else:
+            self.seen.add((command, digest))
+            self.cases[command] += 1
+            self.damaged[command] += bool(faults)
+            self.faults.update(faults)
+            self.samples[command] += tally.read
+        self.lost[command] += tally.lost
         if crash:
             self.crashes.append(f"{command}: {crash}")
 
@@ -59,9 +148,11 @@ class Figures:
 
     def as_dict(self) -> dict:
         """The figures as plain JSON data."""
+        commands = sorted(set(self.cases) | set(self.kills))
         return {
-            "cases": sum(self.runs.values()),
+            "cases": sum(self.cases.values()),
             "damaged_inputs": sum(self.damaged.values()),
+            "reruns": sum(self.reruns.values()),
             "crashes": len(self.crashes),
             "samples_read": sum(self.samples.values()),
             "samples_lost": sum(self.lost.values()),
@@ -69,14 +160,15 @@ class Figures:
             "kills_survived": sum(self.kills_survived.values()),
             "by_command": {
                 c: {
-                    "cases": self.runs[c],
+                    "cases": self.cases[c],
                     "damaged_inputs": self.damaged[c],
+                    "reruns": self.reruns[c],
                     "samples_read": self.samples[c],
                     "samples_lost": self.lost[c],
                     "kills": self.kills[c],
                     "kills_survived": self.kills_survived[c],
                 }
-                for c in sorted(set(self.runs) | set(self.kills))
+                for c in commands
             },
             "faults": dict(sorted(self.faults.items())),
             "crash_list": list(self.crashes),
@@ -84,7 +176,7 @@ class Figures:
 
     def empty(self) -> bool:
         """True when no test recorded anything."""
-        return not self.runs and not self.kills
+        return not self.cases and not self.kills
 
 
 FIGURES = Figures()
@@ -93,21 +185,28 @@ FIGURES = Figures()
 def table(data: dict) -> str:
     """The figures as a markdown table (what goes into the README)."""
     lines = [
-        "| command | cases | damaged inputs | samples read | samples lost | kills survived |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| command | distinct inputs | damaged | re-runs | samples read | samples lost "
+        "| kills survived |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for command, row in data["by_command"].items():
-        kills = f"{row['kills_survived']} of {row['kills']}" if row["kills"] else "-"
-        lines.append(
-            f"| {command} | {row['cases']} | {row['damaged_inputs']} | {row['samples_read']} | "
-            f"{row['samples_lost']} | {kills} |"
-        )
-    kills = f"{data['kills_survived']} of {data['kills']}" if data["kills"] else "-"
-    lines.append(
-        f"| **total** | **{data['cases']}** | **{data['damaged_inputs']}** | "
-        f"**{data['samples_read']}** | **{data['samples_lost']}** | **{kills}** |"
-    )
+
+    def row(name: str, r: dict, bold: bool = False) -> str:
+        kills = f"{r['kills_survived']} of {r['kills']}" if r["kills"] else "-"
+        cells = [r["cases"], r["damaged_inputs"], r["reruns"], r["samples_read"]]
+        cells += [r["samples_lost"], kills]
+        cells = [f"**{c}**" if bold else str(c) for c in [name, *cells]]
+        return "| " + " | ".join(cells) + " |"
+
+    for command, r in data["by_command"].items():
+        lines.append(row(command, r))
+    lines.append(row("total", data, bold=True))
     lines.append("")
+    lines.append(
+        "A distinct input is one damaged input (by content) given to one command; running it "
+        "again counts as a re-run. Samples read count the finished part of each distinct "
+        "input; samples lost = read - written - skipped, from the command's own records, "
+        "summed over every run."
+    )
     lines.append(f"Crashes (tracebacks or internal errors): {data['crashes']}")
     for crash in data["crash_list"]:
         lines.append(f"- {crash}")

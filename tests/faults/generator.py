@@ -59,7 +59,12 @@ SAMPLE_FAULTS = (
     "exotic_image",
     "json_only",
     "extra_member",
+    "symlink_image",
+    "malformed_json_uid",
 )
+# Member names that could escape the directory a tar is unpacked to: reshard skips and counts
+# them as unsafe_name (embed too, once embed/stage.py honours the reader's flag).
+NAME_FAULTS = ("parent_key", "absolute_key", "nested_parent_key", "newline_key", "backslash_key")
 SHARD_FAULTS = (
     "truncate",
     "empty_tar",
@@ -69,7 +74,13 @@ SHARD_FAULTS = (
     "trailing_garbage",
     "trailing_directory",
 )
-EMBED_REASONS = {"missing_image", "missing_caption", "undecodable_image", "duplicate_uid"}
+EMBED_REASONS = {
+    "missing_image",
+    "missing_caption",
+    "undecodable_image",
+    "duplicate_uid",
+    "unsafe_name",
+}
 
 
 @dataclass
@@ -82,6 +93,21 @@ class Sample:
     uid_override: str | None = None  # the uid its json member carries
     json_caption: str | None = None  # the caption its json member carries
     faults: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)  # exts written as symlink members
+
+    @property
+    def unsafe(self) -> bool:
+        """Its key could escape the directory the tar is unpacked to, or splits a name."""
+        key = self.clean_key
+        return key.startswith("/") or ".." in key.split("/") or "\n" in key or "\\" in key
+
+    @property
+    def copy_problem(self) -> str | None:
+        """Why reshard must skip it (SPEC §9 plus safe names): an unsafe name, or a link in
+        place of its image."""
+        if self.unsafe:
+            return "unsafe_name"
+        return "missing_image" if self.links else None
 
     @property
     def caption(self) -> str | None:
@@ -251,6 +277,21 @@ def apply_sample_fault(
         samples.insert(i + 1, twin)
     elif fault == "extra_member" and s.member("cls") is None:
         s.members.append(("cls", b"3"))
+    elif fault == "symlink_image" and ext and not s.links:
+        s.set_member(ext.lower(), None)
+        s.links.append(ext.lower())
+        s.image = "missing"
+    elif fault == "malformed_json_uid":
+        s.set_member("json", json.dumps({"uid": "not-32-hex-" + rng.bytes(4).hex()}).encode())
+    elif fault in NAME_FAULTS:
+        prefix = {
+            "parent_key": b"../../",
+            "absolute_key": b"/abs/",
+            "nested_parent_key": b"a/../../",
+            "newline_key": b"new\n",
+            "backslash_key": b"dir\\",
+        }[fault]
+        s.key = prefix + s.key
 
 
 def tar_bytes(samples: list[Sample], trailing_directory: bool = False) -> bytes:
@@ -272,6 +313,10 @@ def tar_bytes(samples: list[Sample], trailing_directory: bool = False) -> bytes:
                 info.mtime = 0
                 info.mode = 0o644
                 tar.addfile(info, io.BytesIO(data))
+            for ext in s.links:
+                link = tarfile.TarInfo(f"{key}.{ext}")
+                link.type, link.linkname, link.mtime = tarfile.SYMTYPE, "/etc/passwd", 0
+                tar.addfile(link)
         if trailing_directory:
             info = tarfile.TarInfo("empty-folder")
             info.type = tarfile.DIRTYPE
@@ -345,6 +390,8 @@ def expected_problem(sample: Sample, modality: str = "both") -> str | None:
     """What `embed` must do with a sample (SPEC §9); MAYBE when its image may not decode."""
     needs_image = modality in ("both", "image")
     needs_text = modality in ("both", "text")
+    if sample.unsafe:
+        return "unsafe_name"
     if needs_image and sample.image == "missing":
         return "missing_image"
     if needs_text and not (sample.caption or "").strip():
@@ -732,6 +779,7 @@ class Sidecar:
     scores: dict[str, np.ndarray]
     faults: list[str]
     metric: str  # the column the score faults touch
+    path: Path | None = None
 
     def expect(self, metrics: set[str]) -> str:
         """What `select` using `metrics` must do: "ok", "refuse" (exit 2) or "fail" (exit 1)."""
@@ -802,7 +850,7 @@ def build_sidecar(
     if "truncated" in faults:
         data = path.read_bytes()
         path.write_bytes(data[: int(rng.integers(0, len(data) - 1))])
-    return Sidecar(stem, uids, scores, list(faults), m)
+    return Sidecar(stem, uids, scores, list(faults), m, path)
 
 
 def subset_pairs(uids: list[str]) -> np.ndarray:

@@ -15,11 +15,12 @@ from conftest import run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from faults.figures import FIGURES
+from faults.figures import FIGURES, input_digest, tally_markers
 from faults.generator import (
     CORRUPT_DONE,
     EMBED_REASONS,
     MAYBE,
+    NAME_FAULTS,
     SAMPLE_FAULTS,
     SHARD_FAULTS,
     Shard,
@@ -49,10 +50,11 @@ plans = st.fixed_dictionaries(
 )
 
 
-def lost_samples(shard: Shard, out: Path) -> int:
-    """Samples the shard holds that its done marker neither counts as written nor as skipped."""
-    done = json.loads((out / f"{shard.stem}.done.json").read_text())
-    return len(shard.samples) - done["rows"] - sum(done["skipped"].values())
+def tally(shards: list[Shard], out: Path):
+    """The samples of the shards finished in `out`, against what their done markers count."""
+    finished = [s for s in shards if (out / f"{s.stem}.done.json").is_file()]
+    markers = [out / f"{s.stem}.done.json" for s in finished]
+    return tally_markers(sum(len(s.samples) for s in finished), markers)
 
 
 def check_complete_shard(shard: Shard, out: Path, modality: str) -> None:
@@ -61,7 +63,7 @@ def check_complete_shard(shard: Shard, out: Path, modality: str) -> None:
     done = json.loads((out / f"{stem}.done.json").read_text())
     skipped = Counter(done["skipped"])
     assert done["read"] == len(shard.samples), (stem, done, shard.faults)
-    assert lost_samples(shard, out) == 0, (stem, done, shard.faults)
+    assert tally([shard], out).lost == 0, (stem, done, shard.faults)
     assert set(skipped) <= EMBED_REASONS, skipped
     meta = pq.read_table(out / f"{stem}.parquet").to_pylist()
     assert len(meta) == done["rows"]
@@ -76,7 +78,7 @@ def check_complete_shard(shard: Shard, out: Path, modality: str) -> None:
     problems = [expected_problem(s, modality) for s in shard.samples]
     certain = Counter(p for p in problems if p not in (None, MAYBE))
     maybe = problems.count(MAYBE)
-    for reason in ("missing_image", "missing_caption"):
+    for reason in ("unsafe_name", "missing_image", "missing_caption"):
         assert skipped[reason] == certain[reason], (reason, skipped, shard.faults)
     undecodable = skipped["undecodable_image"]
     assert certain["undecodable_image"] <= undecodable <= certain["undecodable_image"] + maybe
@@ -113,6 +115,7 @@ def run_and_check(shards: list[Shard], root: Path, *options: str) -> None:
     out = root / "store"
     summary_path = root / "summary.json"
     modality = options[options.index("--modality") + 1] if "--modality" in options else "both"
+    digest = input_digest([s.path for s in shards])
     run = invoke(
         "embed",
         *[str(s.path) for s in shards],
@@ -128,18 +131,17 @@ def run_and_check(shards: list[Shard], root: Path, *options: str) -> None:
     )
     faults = [f for s in shards for f in s.faults]
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    lost = read = 0
+    done = summary["done"] if summary is not None else []
+    FIGURES.record_run(
+        "embed", digest, faults, run.crash, tally([s for s in shards if s.stem in done], out)
+    )
     errors: list[str] = []
-    if summary is not None:
-        for shard in shards:
-            if shard.stem in summary["done"]:
-                lost += lost_samples(shard, out)
-                read += len(shard.samples)
-                try:
-                    check_complete_shard(shard, out, modality)
-                except AssertionError as exc:
-                    errors.append(f"{shard.stem}: {exc}")
-    FIGURES.record_run("embed", faults, run.crash, lost, read)
+    for shard in shards:
+        if shard.stem in done:
+            try:
+                check_complete_shard(shard, out, modality)
+            except AssertionError as exc:
+                errors.append(f"{shard.stem}: {exc}")
 
     assert run.crash is None, run.crash
     assert summary is not None, run.output
@@ -187,6 +189,21 @@ def test_each_sample_fault_beside_a_good_shard(fault, tmp_path):
     run_and_check(shards, tmp_path, "--batch-size", "4")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="needs the lead's line in embed/stage.py _sample_problem (see the interop report); "
+    "then drop this marker and add NAME_FAULTS to the sample strategy above",
+)
+@pytest.mark.parametrize("fault", NAME_FAULTS)
+def test_each_unsafe_name_beside_a_good_shard(fault, tmp_path):
+    shards = [
+        build_shard(tmp_path / "src", "bad", 7, 8, [fault, fault, fault]),
+        build_shard(tmp_path / "src", "good", 8, 6, []),
+    ]
+    run_and_check(shards, tmp_path, "--batch-size", "4")
+
+
 @pytest.mark.parametrize("fault", SHARD_FAULTS)
 def test_each_shard_fault_beside_a_good_shard(fault, tmp_path):
     shards = [
@@ -199,6 +216,7 @@ def test_each_shard_fault_beside_a_good_shard(fault, tmp_path):
 def test_decode_workers_count_the_same_skips(tmp_path):
     """The DataLoader worker path (the default) accounts for damaged samples the same way."""
     shard = build_shard(tmp_path / "src", "mixed", 11, 12, list(SAMPLE_FAULTS[:12]), fmt="png")
+    digest = input_digest([shard.path])
     inline = invoke(
         "embed", shard.path, "--out", tmp_path / "a", "--model", TINY, "--decode-workers", "0"
     )
@@ -214,7 +232,8 @@ def test_decode_workers_count_the_same_skips(tmp_path):
         "--batch-size",
         "3",
     )
-    FIGURES.record_run("embed", shard.faults, inline.crash or workers.crash, 0, 2 * 12)
+    for run, out in ((inline, tmp_path / "a"), (workers, tmp_path / "b")):
+        FIGURES.record_run("embed", digest, shard.faults, run.crash, tally([shard], out))
     assert inline.crash is None and workers.crash is None
     a = json.loads((tmp_path / "a" / "mixed.done.json").read_text())
     b = json.loads((tmp_path / "b" / "mixed.done.json").read_text())
@@ -237,6 +256,7 @@ def test_image_folder_with_broken_files(tmp_path):
     (folder / "dir.png").mkdir()
     (folder / "name\udcff.png").write_bytes(encode_image(pairs["images"][0], "png"))
     out = tmp_path / "store"
+    digest = input_digest([folder])
     run = invoke(
         "embed",
         folder,
@@ -249,7 +269,9 @@ def test_image_folder_with_broken_files(tmp_path):
         "--decode-workers",
         "0",
     )
-    FIGURES.record_run("embed", ["empty_file", "not_an_image", "dangling_symlink"], run.crash, 0, 7)
+    faults = ["empty_file", "not_an_image", "dangling_symlink"]
+    markers = [out / "images.done.json"] if (out / "images.done.json").is_file() else []
+    FIGURES.record_run("embed", digest, faults, run.crash, tally_markers(7, markers))
     assert run.crash is None and run.exit_code == 0, run.output
     done = json.loads((out / "images.done.json").read_text())
     assert done["read"] == 7
@@ -264,6 +286,7 @@ def test_subprocess_embed_has_no_traceback_on_stderr(tmp_path):
         build_shard(tmp_path / "src", f"f{i}", i, 6, list(SAMPLE_FAULTS[i::6]), fault)
         for i, fault in enumerate((None, *SHARD_FAULTS))
     ]
+    digest = input_digest([s.path for s in shards])
     proc = run_cli(
         "embed",
         *[s.path for s in shards],
@@ -279,13 +302,8 @@ def test_subprocess_embed_has_no_traceback_on_stderr(tmp_path):
     crash = "Traceback in stderr" if "Traceback" in proc.stdout + proc.stderr else None
     summary = json.loads((tmp_path / "summary.json").read_text())
     finished = [s for s in shards if s.stem in summary["done"]]
-    FIGURES.record_run(
-        "embed",
-        [f for s in shards for f in s.faults],
-        crash,
-        sum(lost_samples(s, tmp_path / "store") for s in finished),
-        sum(len(s.samples) for s in finished),
-    )
+    faults = [f for s in shards for f in s.faults]
+    FIGURES.record_run("embed", digest, faults, crash, tally(finished, tmp_path / "store"))
     assert crash is None, proc.stderr
     assert proc.returncode == 1
     expected_fail = {s.stem for s in shards if s.expect == "fail"}
@@ -308,8 +326,10 @@ def test_corrupt_done_markers_are_redone_identically(tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".json")}
     for shard, garbage in zip(shards, CORRUPT_DONE):
         (out / f"{shard.stem}.done.json").write_bytes(garbage)
+    digest = input_digest([*(s.path for s in shards), out])
     again = invoke(*args, "--decode-workers", "0")
-    FIGURES.record_run("embed", ["corrupt_done"] * len(shards), again.crash, 0, 5 * len(shards))
+    faults = ["corrupt_done"] * len(shards)
+    FIGURES.record_run("embed", digest, faults, again.crash, tally(shards, out))
     assert again.crash is None and again.exit_code == 0, again.output
     assert f"{len(shards)} done, 0 already done" in again.output
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".json")} == (

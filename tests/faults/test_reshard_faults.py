@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tarfile
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,25 @@ from conftest import run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from faults.figures import FIGURES
-from faults.generator import SAMPLE_FAULTS, SHARD_FAULTS, Shard, build_shard, subset_pairs
+from faults.figures import FIGURES, input_digest, tally_reshard
+from faults.generator import (
+    NAME_FAULTS,
+    SAMPLE_FAULTS,
+    SHARD_FAULTS,
+    Shard,
+    build_shard,
+    subset_pairs,
+)
 from faults.harness import fault_settings, invoke, temp_files, unparseable_files
+
+RESHARD_FAULTS = SAMPLE_FAULTS + NAME_FAULTS
 
 EXAMPLES = 40
 SETTINGS = fault_settings(EXAMPLES)
 shard_plans = st.fixed_dictionaries(
     {
         "n": st.integers(0, 10),
-        "faults": st.lists(st.sampled_from(SAMPLE_FAULTS), max_size=4),
+        "faults": st.lists(st.sampled_from(RESHARD_FAULTS), max_size=4),
         "shard_fault": st.one_of(st.none(), st.none(), st.sampled_from(SHARD_FAULTS)),
         "seed": st.integers(0, 2**16),
     }
@@ -39,11 +49,13 @@ plans = st.fixed_dictionaries(
 
 
 def read_output(out: Path) -> list[tuple[str, dict[str, bytes]]]:
-    """Samples of the output shards in order, read with tarfile (consecutive members by key)."""
+    """Samples of the output shards in order, read with tarfile (consecutive members by key);
+    every tar must also pass tarfile's `data` extraction filter."""
     samples: list[tuple[str, dict[str, bytes]]] = []
     for path in sorted(out.glob("[0-9]*.tar")):
         with tarfile.open(path, "r:") as tar:
             for member in tar:
+                tarfile.data_filter(member, str(out / "unpack"))
                 key, ext = member.name.split(".", 1)
                 data = tar.extractfile(member).read()
                 if not samples or samples[-1][0] != key or path.name != samples[-1][2]:
@@ -61,7 +73,7 @@ def expected_output(shards: list[Shard], done: list[str], subset: set[str]) -> l
             continue
         for s in shard.samples:
             uid = s.uid(shard.stem)
-            if uid in subset and uid not in seen:
+            if s.copy_problem is None and uid in subset and uid not in seen:
                 seen.add(uid)
                 out.append((s.clean_key, uid, dict(s.members)))
     return out
@@ -85,19 +97,16 @@ def run_and_check(root: Path, shards: list[Shard], subset: set[str], shard_size:
         "--json",
         str(summary_path),
     ]
+    digest = input_digest([*(s.path for s in shards), subset_path])
+    faults = [f for s in shards for f in s.faults]
     run = invoke(*args)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     done = summary["done"] if summary else []
     expected = expected_output(shards, done, subset)
     got = read_output(out) if out.exists() else []
     finished = [s for s in shards if s.stem in done]
-    FIGURES.record_run(
-        "reshard",
-        [f for s in shards for f in s.faults],
-        run.crash,
-        max(0, len(expected) - len(got)),
-        sum(len(s.samples) for s in finished),
-    )
+    read = sum(len(s.samples) for s in finished)
+    FIGURES.record_run("reshard", digest, faults, run.crash, tally_reshard(read, summary_path))
     assert run.crash is None, run.crash
     assert summary is not None, run.output
     for shard in shards:
@@ -116,14 +125,25 @@ def run_and_check(root: Path, shards: list[Shard], subset: set[str], shard_size:
         assert out_key in (key, f"{key}_{uid}"), (out_key, key)
         assert out_files == files, key
     assert summary["not_found"] == len(subset - {uid for _, uid, _ in expected})
+    skipped = Counter(s.copy_problem for shard in finished for s in shard.samples)
+    del skipped[None]
+    assert summary["skipped"] == dict(skipped), (summary["skipped"], faults)
+    assert tally_reshard(read, summary_path).lost == 0
     assert unparseable_files(out) == [] and temp_files(out) == []
     assert (out / ".parts").exists() == bool(summary["failed"])
 
-    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    before = _outputs(out)
     again = invoke(*args)
-    FIGURES.record_run("reshard", [f for s in shards for f in s.faults], again.crash, 0, 0)
+    FIGURES.record_run("reshard", digest, faults, again.crash, tally_reshard(read, summary_path))
     assert again.crash is None and again.exit_code == run.exit_code
-    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
+    assert _outputs(out) == before
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """Every output file but the run record (which lists what this run did)."""
+    return {
+        p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "reshard.json"
+    }
 
 
 def _subset(shards: list[Shard], share: float, seed: int) -> set[str]:
@@ -146,9 +166,9 @@ def test_reshard_over_damaged_shards(plan):
         run_and_check(root, shards, subset, plan["shard_size"])
 
 
-@pytest.mark.parametrize("fault", [*SAMPLE_FAULTS, *SHARD_FAULTS])
+@pytest.mark.parametrize("fault", [*RESHARD_FAULTS, *SHARD_FAULTS])
 def test_each_fault_in_reshard(fault, tmp_path):
-    sample_faults, shard_fault = ([fault] * 3, None) if fault in SAMPLE_FAULTS else ([], fault)
+    sample_faults, shard_fault = ([fault] * 3, None) if fault in RESHARD_FAULTS else ([], fault)
     shards = [
         build_shard(tmp_path / "src", "a", 1, 6, []),
         build_shard(tmp_path / "src", "b", 2, 8, sample_faults, shard_fault),
@@ -158,11 +178,12 @@ def test_each_fault_in_reshard(fault, tmp_path):
 
 def test_subprocess_reshard_has_no_traceback_on_stderr(tmp_path):
     shards = [
-        build_shard(tmp_path / "src", f"s{i}", i, 6, list(SAMPLE_FAULTS[i::4]), fault)
+        build_shard(tmp_path / "src", f"s{i}", i, 6, list(RESHARD_FAULTS[i::4]), fault)
         for i, fault in enumerate((None, "truncate", "garbage", "flip_header"))
     ]
     subset = _subset(shards, 1.0, 0)
     np.save(tmp_path / "subset.npy", np.sort(subset_pairs(sorted(subset))))
+    digest = input_digest([*(s.path for s in shards), tmp_path / "subset.npy"])
     proc = run_cli(
         "reshard",
         *[s.path for s in shards],
@@ -174,9 +195,12 @@ def test_subprocess_reshard_has_no_traceback_on_stderr(tmp_path):
         "5",
     )
     crash = "Traceback in stderr" if "Traceback" in proc.stdout + proc.stderr else None
-    FIGURES.record_run("reshard", [f for s in shards for f in s.faults], crash, 0, 0)
+    manifest_path = tmp_path / "out" / "reshard.json"
+    manifest = json.loads(manifest_path.read_text())
+    read = sum(len(s.samples) for s in shards if s.stem in manifest["done"])
+    faults = [f for s in shards for f in s.faults]
+    FIGURES.record_run("reshard", digest, faults, crash, tally_reshard(read, manifest_path))
     assert crash is None, proc.stderr
     assert proc.returncode == (1 if any(s.expect != "complete" for s in shards) else 0)
-    manifest = json.loads((tmp_path / "out" / "reshard.json").read_text())
     assert "s0" in manifest["done"]
     assert unparseable_files(tmp_path / "out") == []

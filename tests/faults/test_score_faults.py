@@ -16,7 +16,7 @@ from conftest import run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from faults.figures import FIGURES
+from faults.figures import FIGURES, input_digest, tally_markers
 from faults.generator import (
     BAD_LOGIT_SCALES,
     SCORE_REASONS,
@@ -90,9 +90,11 @@ def _columns(metrics: str) -> list[str]:
     }[metrics]
 
 
-def _lost(stem: Stem, out: Path) -> int:
-    marker = json.loads((out / f"{stem.stem}.done.json").read_text())
-    return len(stem.uids) - marker["rows"] - sum(marker["skipped"].values())
+def tally(stems: list[Stem], out: Path):
+    """The rows of the stems finished in `out`, against what their done markers count."""
+    finished = [s for s in stems if (out / f"{s.stem}.done.json").is_file()]
+    markers = [out / f"{s.stem}.done.json" for s in finished]
+    return tally_markers(sum(len(s.uids) for s in finished), markers)
 
 
 def check_complete_stem(stem: Stem, out: Path, metrics: str, target: np.ndarray | None) -> None:
@@ -101,7 +103,7 @@ def check_complete_stem(stem: Stem, out: Path, metrics: str, target: np.ndarray 
     marker = json.loads((out / f"{stem.stem}.done.json").read_text())
     keep, skipped = stem.valid(needs_txt)
     assert marker["read"] == len(stem.uids), (stem.stem, marker, stem.faults)
-    assert _lost(stem, out) == 0, (stem.stem, marker)
+    assert tally([stem], out).lost == 0, (stem.stem, marker)
     assert marker["skipped"] == skipped, (stem.stem, marker["skipped"], skipped, stem.faults)
     assert set(marker["skipped"]) <= SCORE_REASONS
     assert marker["rows"] == len(keep)
@@ -192,6 +194,8 @@ def run_and_check(
     score_args = ["score", root / "store", "--out", out, "--device", "cpu"]
     score_args += ["--batch-size", plan["batch"], "--k", plan["k"], "--window", plan["window"]]
     score_args += ["--seed", str(plan["seed"]), *options]
+    targets = [Path(options[i + 1]) for i, o in enumerate(options) if o == "--target"]
+    digest = input_digest([root / "store", *targets])
     run = invoke(*score_args, "--json", summary_path)
     needs_txt = METRIC_SETS[plan["metrics"]][1]
     target_dim = target.shape[1] if target is not None else None
@@ -201,13 +205,7 @@ def run_and_check(
     damaged = [f for s in stems for f in s.faults]
     if "--target" in options and plan.get("target_fault"):
         damaged.append(f"target_{plan['target_fault']}")
-    FIGURES.record_run(
-        "score",
-        damaged,
-        run.crash,
-        sum(_lost(s, out) for s in finished),
-        sum(len(s.uids) for s in finished),
-    )
+    FIGURES.record_run("score", digest, damaged, run.crash, tally(stems, out))
     assert run.crash is None, run.crash
     refused = target_expect == "refuse" or all(o == "excluded" for o in outcomes.values())
     if refused:
@@ -239,7 +237,7 @@ def run_and_check(
 
     before = {p.name: p.read_bytes() for p in out.glob("*.scores.parquet")}
     again = invoke(*score_args)
-    FIGURES.record_run("score", damaged, again.crash, 0, 0)
+    FIGURES.record_run("score", digest, damaged, again.crash, tally(stems, out))
     assert again.crash is None and again.exit_code == run.exit_code
     assert {p.name: p.read_bytes() for p in out.glob("*.scores.parquet")} == before
 
@@ -284,10 +282,12 @@ def test_each_target_fault(fault, tmp_path):
 
 @pytest.mark.parametrize("value", BAD_LOGIT_SCALES)
 def test_a_bad_recorded_logit_scale_falls_back_to_the_default_tau(value, tmp_path):
+    stems = []
     for i in range(2):
-        build_stem(tmp_path / "store", f"s{i}", 6, DIM, [], i)
+        stems.append(build_stem(tmp_path / "store", f"s{i}", 6, DIM, [], i))
         marker = tmp_path / "store" / f"s{i}.done.json"
         marker.write_text(marker.read_text().replace("100.0", value))
+    digest = input_digest([tmp_path / "store"])
     run = invoke(
         "score",
         tmp_path / "store",
@@ -300,7 +300,8 @@ def test_a_bad_recorded_logit_scale_falls_back_to_the_default_tau(value, tmp_pat
         "--json",
         tmp_path / "summary.json",
     )
-    FIGURES.record_run("score", ["bad_logit_scale"] * 2, run.crash, 0, 12)
+    faults = ["bad_logit_scale"] * 2
+    FIGURES.record_run("score", digest, faults, run.crash, tally(stems, tmp_path / "o"))
     assert run.crash is None and run.exit_code == 0, run.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["tau"] == 0.01 and summary["tau_source"] == "default"
@@ -326,18 +327,24 @@ def test_corrupt_markers_in_the_score_output_are_redone_identically(tmp_path):
     (out / "s2.done.json").write_bytes(b"[]")
     (out / "s3.scores.parquet").write_bytes(b"PAR1 truncated by someone else")
     (out / "s3.done.json").unlink()
+    digest = input_digest([tmp_path / "store", out])
     again = invoke(*args, "--window", "1")
-    FIGURES.record_run("score", ["corrupt_done", "corrupt_done", "truncated_sidecar"], again.crash)
+    faults = ["corrupt_done", "corrupt_done", "truncated_sidecar"]
+    FIGURES.record_run("score", digest, faults, again.crash, tally(stems, out))
     assert again.crash is None and again.exit_code == 0, again.output
     assert "3 done, 1 already done" in again.output
     assert {p.name: p.read_bytes() for p in out.glob("*.scores.parquet")} == before
 
 
 def test_a_stem_of_another_dim_fails_alone(tmp_path):
-    for i, faults in enumerate([[], ["other_dim"], []]):
+    stems = [
         build_stem(tmp_path / "store", f"s{i}", 6, DIM, faults, i)
+        for i, faults in enumerate([[], ["other_dim"], []])
+    ]
     out = tmp_path / "scores"
+    digest = input_digest([tmp_path / "store"])
     run = invoke("score", tmp_path / "store", "--out", out, "--batch-size", "4", "--k", "2")
+    FIGURES.record_run("score", digest, ["other_dim"], run.crash, tally(stems, out))
     assert run.crash is None and run.exit_code == 1
     assert (out / "s0.done.json").is_file() and (out / "s2.done.json").is_file()
     assert not (out / "s1.done.json").exists()
@@ -350,6 +357,7 @@ def test_subprocess_score_has_no_traceback_on_stderr(tmp_path):
     rng = np.random.default_rng(0)
     target, _ = write_target(tmp_path, rng, 4, DIM, None)
     out = tmp_path / "scores"
+    digest = input_digest([tmp_path / "store", target])
     proc = run_cli(
         "score",
         tmp_path / "store",
@@ -372,13 +380,7 @@ def test_subprocess_score_has_no_traceback_on_stderr(tmp_path):
     )
     crash = "Traceback in stderr" if "Traceback" in proc.stdout + proc.stderr else None
     finished = [s for s in stems if (out / f"{s.stem}.done.json").is_file()]
-    FIGURES.record_run(
-        "score",
-        faults,
-        crash,
-        sum(_lost(s, out) for s in finished),
-        sum(len(s.uids) for s in finished),
-    )
+    FIGURES.record_run("score", digest, faults, crash, tally(stems, out))
     assert crash is None, proc.stderr
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Warning: 2 unfinished stem(s) left out" in proc.stderr
@@ -395,10 +397,13 @@ def test_zero_norm_rows_score_zero_clipscore(tmp_path):
     img = stem.img.copy()
     img[:3] = 0
     np.savez(tmp_path / "store" / "z.npz", img=img, txt=stem.txt)
+    digest = input_digest([tmp_path / "store"])
     run = invoke(
         "score", tmp_path / "store", "--out", tmp_path / "o", "--batch-size", "4", "--k", "1"
     )
-    FIGURES.record_run("score", ["zero_norm_rows"], run.crash, 0, 8)
+    FIGURES.record_run(
+        "score", digest, ["zero_norm_rows"], run.crash, tally([stem], tmp_path / "o")
+    )
     assert run.crash is None and run.exit_code == 0
     table = pq.read_table(tmp_path / "o" / "z.scores.parquet")
     assert table.num_rows == 8

@@ -11,12 +11,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from faults.figures import FIGURES
+from faults.figures import FIGURES, input_digest, tally_select
 from faults.generator import (
     METRIC_COLUMNS,
     SIDECAR_FAULTS,
@@ -70,7 +72,8 @@ def _rule(text: str) -> tuple[str, str, str]:
 
 
 def reference_select(sidecars: list[Sidecar], rules: list[str]) -> tuple[set[str], list[dict]]:
-    """SPEC §5 by brute force: fractions of the whole pool, ties to the smaller uid, NaN never."""
+    """SPEC §5 by brute force: fractions of the whole pool, ties to the smaller uid, NaN never;
+    thresholds compared at the column's precision (float64 when a sidecar stores it so)."""
     pool = [
         (uid, {m: s.scores[m][i] for m in METRIC_COLUMNS})
         for s in sidecars
@@ -90,7 +93,10 @@ def reference_select(sidecars: list[Sidecar], rules: list[str]) -> tuple[set[str
             )
             kept = sorted(ranked[:target])
         else:
-            bound = float(np.float32(float(value)))
+            wide = any(
+                pa.types.is_float64(pq.read_schema(s.path).field(metric).type) for s in sidecars
+            )
+            bound = float(value) if wide else float(np.float32(float(value)))
             compare = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
             kept = [i for i in survivors if compare[op](values[i], bound)]
         stages.append({"input": len(survivors), "count": len(kept), "nan": nan})
@@ -137,9 +143,12 @@ def run_and_check(root: Path, plan: dict) -> None:
     metrics = {_rule(r)[0] for r in plan["rules"]}
     expects |= {s.expect(metrics) for s in sidecars}
     expect = "refuse" if "refuse" in expects else "fail" if "fail" in expects else "ok"
+    inputs = [scores, *(root / f"{k}.npy" for k in ("union", "intersect") if plan[k])]
+    digest = input_digest(inputs)
     run = invoke(*args)
     pool = sum(len(s.uids) for s in sidecars)
-    FIGURES.record_run("select", damaged, run.crash, 0, pool if expect == "ok" else 0)
+    tally = tally_select(pool, root / "out" / "subset.json")
+    FIGURES.record_run("select", digest, damaged, run.crash, tally)
 
     assert run.crash is None, run.crash
     out = root / "out"
@@ -158,6 +167,7 @@ def run_and_check(root: Path, plan: dict) -> None:
     assert record["pool"] == pool
     got = [{k: stage[k] for k in ("input", "count", "nan")} for stage in record["stages"]]
     assert got == stages, (got, stages, damaged)
+    assert tally.lost == 0 and tally.read == pool
     assert unparseable_files(out) == [] and temp_files(out) == []
 
 
@@ -210,6 +220,7 @@ def test_subprocess_select_has_no_traceback_on_stderr(fault, tmp_path):
     scores.mkdir()
     build_sidecar(scores, "a", 10, [], 1, [])
     build_sidecar(scores, "b", 10, [fault], 2, [])
+    digest = input_digest([scores])
     proc = run_cli(
         "select",
         scores,
@@ -223,7 +234,8 @@ def test_subprocess_select_has_no_traceback_on_stderr(fault, tmp_path):
         "normsim_inf:0.5",
     )
     crash = "Traceback in stderr" if "Traceback" in proc.stdout + proc.stderr else None
-    FIGURES.record_run("select", [fault], crash, 0, 20)
+    tally = tally_select(20, tmp_path / "subset.json")
+    FIGURES.record_run("select", digest, [fault], crash, tally)
     assert crash is None, proc.stderr
     expected = {"nan_scores": 0, "truncated": 2, "non_hex_uid": 1}[fault]
     assert proc.returncode == expected, proc.stdout + proc.stderr
