@@ -205,3 +205,26 @@ def test_real_loaders_refuse_pickle_payloads_without_running_them(tmp_path, payl
     with pytest.raises(MmcurateError, match="refusing to unpickle"):
         read_arrays(store, "s", ["img"])
     assert not payload_marker.exists(), "a loader executed a pickle payload"
+
+
+def tar_extractions(source: str) -> list[int]:
+    """Lines that unpack tar members to disk under their own names (extract, extractall)."""
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("extract", "extractall")
+    ]
+
+
+def test_no_code_path_extracts_tar_members_to_disk():
+    """Members are read with extractfile; nothing unpacks a tar by its members' own names."""
+    assert tar_extractions("import tarfile\nwith tarfile.open(p) as t:\n    t.extractall(d)") == [3]
+    assert tar_extractions("t.extract(m, path=d)\nt.extractfile(m).read()") == [1]
+    found = {
+        str(path.relative_to(PACKAGE.parent)): lines
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (lines := tar_extractions(path.read_text()))
+    }
+    assert found == {}

@@ -14,10 +14,12 @@ NONFINITE_EMBEDDING = "nonfinite_embedding"
 BROKEN_SHARD = "broken_shard"
 
 REASONS = {
-    MISSING_IMAGE: "no image member (or a symlink in its place)",
+    MISSING_IMAGE: "no image member (or a symlink or hard link in its place)",
     MISSING_CAPTION: "no caption, or an empty one",
     UNDECODABLE_IMAGE: "the image does not decode (truncated, not an image, too large)",
-    UNSAFE_NAME: "a member name that could escape the output directory",
+    UNSAFE_NAME: "a member name that could escape the directory a tar is unpacked to (absolute,"
+    " '..', '.', empty component) or that tar/webdataset would read differently (control"
+    " character, backslash); reshard also skips a sample holding a link member this way",
     DUPLICATE_UID: "a uid seen before in the same shard",
     MISSING_UID: "a store row without a uid",
     NONFINITE_EMBEDDING: "an embedding holding NaN or Inf",
