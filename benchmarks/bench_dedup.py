@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,7 +42,8 @@ EPSILON = 0.05
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's own peak RSS (VmHWM; ru_maxrss would include the parent's at fork)."""
+    return _vm_hwm_mb(os.getpid()) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _pin(threads: int) -> None:
@@ -152,6 +154,48 @@ def same_clusters_brute(x64: np.ndarray, cluster: np.ndarray, order_key: tuple) 
 # --------------------------------------------------------------------------- child processes
 
 
+class WorkerPeak(threading.Thread):
+    """Polls the peak RSS (VmHWM) of this process's children, the executor's workers.
+
+    ru_maxrss of a child is no use here: a forked child inherits the parent's high-water mark.
+    VmHWM belongs to the child's own address space after exec, so it is the worker's own peak.
+    """
+
+    def __init__(self, every: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.every, self.peak, self.done = every, 0.0, threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            for pid in _children(os.getpid()):
+                self.peak = max(self.peak, _vm_hwm_mb(pid))
+
+    def stop(self) -> float:
+        """Stop polling; the largest peak seen, MB."""
+        self.done.set()
+        self.join()
+        return self.peak
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return [int(c) for t in tasks for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 def child_stage(
     store: str, work: str, workers: int, threads: int, train: int, clusters: int | None
 ) -> dict:
@@ -161,9 +205,12 @@ def child_stage(
     from mmcurate.engine import LocalExecutor
 
     config = DedupConfig(train=train, clusters=clusters)
+    watch = WorkerPeak()
     start = time.perf_counter()
-    summary = run_semdedup(store, work, ["img"], config, LocalExecutor(workers, threads))
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    try:
+        summary = run_semdedup(store, work, ["img"], config, LocalExecutor(workers, threads))
+    finally:
+        children = watch.stop()
     keys = ("rows", "clusters", "clusters_nonempty", "largest_cluster", "train_rows", "failed")
     return {
         "wall": time.perf_counter() - start,
@@ -317,7 +364,7 @@ def report(args, best: dict, brute: dict, agree: dict, imports: dict) -> None:
     kmeans = f"  k-means ({best['train_rows']:,} rows, K = {best['clusters']})"
     rows = [
         ["SemDeDup stage, total", best["wall"], extrapolated / best["wall"], best["rss_mb"]],
-        ["  (its worker processes)", None, None, best["worker_rss_mb"]],
+        ["  (its worker processes, each)", None, None, best["worker_rss_mb"]],
         ["  (a process that only imports the stage)", None, None, imports["rss_mb"]],
         ["  scan (valid rows)", s["scan"], None, None],
         [kmeans, s["kmeans"], None, None],
