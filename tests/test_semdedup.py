@@ -291,6 +291,20 @@ def test_bad_options_are_refused_before_any_work(tmp_path, config, message):
     assert not (tmp_path / "work").exists()
 
 
+def test_a_store_with_no_scored_rows_gets_empty_values(tmp_path):
+    x = np.full((20, 8), np.nan)
+    stems = write_store(tmp_path / "store", x, [20])
+    summary = run_semdedup(
+        str(tmp_path / "store"), str(tmp_path / "work"), ["img"], DedupConfig(), ONE
+    )
+    assert summary["rows"] == 0 and summary["skipped"] == {NONFINITE_EMBEDDING: 20}
+    assert semdedup_values(tmp_path / "work", stems[0], summary["key"]).shape == (0,)
+    with pytest.raises(UsageError, match="--clusters 1 is more than the 0 rows"):
+        run_semdedup(
+            str(tmp_path / "store"), str(tmp_path / "w2"), ["img"], DedupConfig(clusters=1), ONE
+        )
+
+
 def test_nan_rows_are_skipped_and_counted_like_the_score_stage(tmp_path):
     rng = np.random.default_rng(9)
     x, _ = planted(rng, 700, 16, 30)
