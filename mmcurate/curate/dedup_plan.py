@@ -36,7 +36,7 @@ class DedupConfig:
     seed: int = 0
     iterations: int = 20
     block: int = 1024
-    task_rows: int = 32768
+    task_rows: int = 50_000
 
 
 @dataclass(frozen=True)

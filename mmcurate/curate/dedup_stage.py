@@ -192,7 +192,7 @@ def dedup_clusters(job: DedupJob, key: str, item: ClusterItem) -> dict:
     """Values of the item's clusters, in members order, saved as one array."""
     offsets = np.load(job.path("offsets.npy"), allow_pickle=False)
     lo, hi = int(offsets[item.first]), int(offsets[item.last])
-    members = np.array(np.load(job.path("members.npy"), mmap_mode="r")[lo:hi])
+    members = np.array(np.load(job.path("members.npy"), mmap_mode="r", allow_pickle=False)[lo:hi])
     x = _gather(job, members)
     values = np.empty(hi - lo, dtype=np.float32)
     largest = 0
@@ -287,7 +287,7 @@ def _write_values(job: DedupJob, key: str, items: list[ClusterItem], stems: list
     for item in items:
         lo, hi = int(offsets[item.first]), int(offsets[item.last])
         grouped[lo:hi] = np.load(job.path("clusters", f"{item.name}.npy"), allow_pickle=False)
-    gid = np.load(job.path("members.npy"), mmap_mode="r")["gid"]
+    gid = np.load(job.path("members.npy"), mmap_mode="r", allow_pickle=False)["gid"]
     by_gid = np.empty_like(grouped)
     by_gid[gid] = grouped
     for index in stems:
