@@ -129,6 +129,7 @@ def normsim_d_stage(
             "rows": reads.rows,
             "pool_reads": round(reads.rows / len(survivors), 3),
             "bytes": chunks.bytes_read,
+            "memory_bytes": reads.memory_bytes,
         }
     record["count"] = int(len(keep))
     return keep, record
