@@ -429,6 +429,8 @@ def test_the_pipeline_gives_ray_tasks_its_gpus(cluster, corpus3, tmp_path):
     assert isinstance(executor, RayExecutor) and executor.num_gpus == 0.5
     outcomes = list(executor.map(report_resources, [Item("x")]))
     assert outcomes[0].stats["resources"] == {"CPU": 1.0, "GPU": 0.5}
+    copying = list(executor.cpu_only().map(report_resources, [Item("y")]))
+    assert copying[0].stats["resources"] == {"CPU": 1.0} and executor.num_gpus == 0.5
     too_many = plan_from_dict({**raw, "ray_gpus": 4}, tmp_path / "pipeline.toml")
     with pytest.raises(UsageError, match="the Ray cluster has 1 GPU"):
         run_pipeline(too_many, progress=False)

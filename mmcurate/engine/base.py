@@ -165,6 +165,10 @@ class Executor(ABC):
         if wants_cuda(device) and not cuda_visible():
             raise UsageError(f"--device {device}: no CUDA device is visible to this process")
 
+    def cpu_only(self) -> Executor:
+        """This executor for a stage that never uses a GPU (it holds none on Ray)."""
+        return self
+
     def task_device(self, device: str | None) -> str:
         """`cuda` or `cpu`: the kind of device the work items will compute on."""
         auto = device in (None, "auto")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 from collections.abc import Iterator, Sequence
@@ -130,6 +131,14 @@ class RayExecutor(Executor):
                 raise UsageError(
                     f"--ray-gpus {self.num_gpus:g}: the Ray cluster has {total:g} GPU(s)"
                 )
+
+    def cpu_only(self) -> RayExecutor:
+        """The same cluster and threads, with tasks that hold no GPU."""
+        if not self.num_gpus:
+            return self
+        other = copy.copy(self)
+        other.num_gpus = 0.0
+        return other
 
     def task_device(self, device: str | None) -> str:
         """Tasks with GPUs compute on CUDA unless told cpu; tasks without GPUs see none."""
