@@ -20,11 +20,12 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def header(title: str) -> str:
+def header(title: str, repeats: int = REPEATS) -> str:
     """The benchmark's first line: what it measures, and the load when it began."""
+    best = f"best of >= {repeats} repeats" if repeats > 1 else "one run"
     return (
         f"{title}\n1-minute load average at start: {load_average():.2f} "
-        f"({os.cpu_count()} cores); best of >= {REPEATS} repeats"
+        f"({os.cpu_count()} cores); {best}"
     )
 
 

@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 LOG_INTERVAL = 30.0
 LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+FRACTION_FORMAT = LOG_FORMAT.replace("{n_fmt}", "{n:.2f}")
+TTY_FRACTION_FORMAT = "{l_bar}{bar}| " + FRACTION_FORMAT.split(": ", 1)[1]
 
 
 class LogBar(tqdm):
@@ -40,8 +42,17 @@ class LogBar(tqdm):
         super().close()
 
 
-def progress_bar(iterable: Iterable | None = None, **options: Any) -> tqdm:
-    """A progress bar (tqdm's options) that suits where stderr goes."""
+def progress_bar(
+    iterable: Iterable | None = None, fractional: bool = False, **options: Any
+) -> tqdm:
+    """A progress bar (tqdm's options) that suits where stderr goes; a `fractional` bar counts
+    items that advance in parts (shown with two decimals)."""
     if sys.stderr.isatty():
+        if fractional:
+            options.setdefault("bar_format", TTY_FRACTION_FORMAT)
         return tqdm(iterable, dynamic_ncols=True, **options)
-    return LogBar(iterable, mininterval=LOG_INTERVAL, miniters=1, bar_format=LOG_FORMAT, **options)
+    bar_format = FRACTION_FORMAT if fractional else LOG_FORMAT
+    miniters = 0.01 if fractional else 1
+    return LogBar(
+        iterable, mininterval=LOG_INTERVAL, miniters=miniters, bar_format=bar_format, **options
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -11,9 +12,12 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 from conftest import TINY_CLIP, embed_args, run_cli
 
+import mmcurate.data.shards as shards
 from mmcurate.cli.main import cli
 from mmcurate.data.shard_writer import write_shard
+from mmcurate.data.shards import ShardItem
 from mmcurate.demo.corpus import make_pairs, pair_files
+from mmcurate.embed.stage import EmbedConfig, embed_shard
 
 
 def _embed(src, out, *extra):
@@ -58,8 +62,8 @@ def test_embed_writes_unit_float16_rows_and_resumes(corpus3, tmp_path):
 
 def test_results_do_not_depend_on_workers(corpus3, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert _embed(corpus3, one).exit_code == 0
-    result = _embed(corpus3, two, "--workers", "2")
+    assert _embed(corpus3, one, "--threads", "1").exit_code == 0
+    result = _embed(corpus3, two, "--workers", "2", "--threads", "1")
     assert result.exit_code == 0, result.output
     assert _files(one) == _files(two)
 
@@ -187,3 +191,75 @@ def test_tar_members_are_read_not_extracted(tmp_path):
     _embed([evil], tmp_path / "s")
     assert not (tmp_path.parent / "escape.txt").exists()
     assert not (tmp_path / "escape.txt").exists()
+
+
+class CountingFile(io.FileIO):
+    """A shard file that appends "pid bytes-read" to a log when closed, from any process."""
+
+    def __init__(self, path: str, log: str) -> None:
+        super().__init__(path, "rb")
+        self.log, self.count = log, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        n = super().readinto(buffer) or 0
+        self.count += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            with open(self.log, "a") as fh:
+                fh.write(f"{os.getpid()} {self.count}\n")
+        super().close()
+
+
+def test_each_shard_is_read_once_with_two_decode_workers(corpus3, tmp_path, monkeypatch):
+    log = tmp_path / "reads.log"
+    monkeypatch.setattr(shards, "_open", lambda url: CountingFile(url, str(log)))
+    shard = corpus3[0]
+    config = EmbedConfig(TINY_CLIP, batch_size=8, device="cpu", decode_workers=2)
+    stats = embed_shard(config, str(tmp_path / "store"), ShardItem(shard.stem, str(shard)))
+    assert stats["rows"] == 40
+    reads = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    assert len(reads) == 1, reads
+    pid, nbytes = reads[0]
+    assert pid == os.getpid()
+    assert nbytes <= shard.stat().st_size + 1024
+
+
+def _mixed_shard(root):
+    """JPEG pairs, one PNG pair (decode_jpeg cannot read it) and one truncated JPEG."""
+    pairs = make_pairs(12, seed=6)
+    samples = []
+    for i in range(12):
+        files = pair_files(pairs["images"][i], pairs["captions"][i], {}, "png" if i == 4 else "jpg")
+        if i == 9:
+            files["jpg"] = files["jpg"][: len(files["jpg"]) // 2]
+        samples.append((f"{i:06d}", files))
+    return write_shard(root / "mixed.tar", samples)
+
+
+def test_device_decode_falls_back_per_image_and_matches_pil_closely(tmp_path):
+    shard = _mixed_shard(tmp_path)
+    outs = {}
+    for decode in ("cpu", "gpu"):
+        outs[decode] = tmp_path / decode
+        result = _embed([shard], outs[decode], "--decode", decode, "--threads", "1")
+        assert result.exit_code == 0, result.output
+    done = {d: json.loads((outs[d] / "mixed.done.json").read_text()) for d in outs}
+    for d in outs:
+        assert done[d]["skipped"] == {"undecodable_image": 1} and done[d]["rows"] == 11
+        assert done[d]["decode"] == d
+    assert done["gpu"]["decode_fallbacks"] == 2
+    emb = {}
+    for d in outs:
+        with np.load(outs[d] / "mixed.npz", allow_pickle=False) as npz:
+            emb[d] = npz["img"].astype(np.float64)
+    cosine = (emb["cpu"] * emb["gpu"]).sum(1)
+    assert cosine.min() > 0.99, cosine
+    png_row = pq.read_table(outs["gpu"] / "mixed.parquet")["key"].to_pylist().index("000004")
+    np.testing.assert_array_equal(emb["gpu"][png_row], emb["cpu"][png_row])

@@ -41,3 +41,25 @@ def test_a_bar_that_does_not_stay_leaves_nothing_behind_but_its_lines():
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("captions: 0/3 batch")
     assert "\r" not in out.getvalue()
+
+
+def test_a_stage_bar_moves_within_an_item_as_it_reports(monkeypatch, capsys):
+    from conftest import Item
+
+    from mmcurate.engine import LocalExecutor, report_progress, run_stage
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.0)
+
+    def halfway(item):
+        report_progress(0.5, final=True)
+        return {"rows": 3}
+
+    run_stage(LocalExecutor(1, 1), halfway, [Item("a"), Item("b")], desc="score")
+    lines = [line.split(" [")[0] for line in capsys.readouterr().err.splitlines()]
+    assert lines[:4] == [
+        "score: 0.00/2 item",
+        "score: 0.50/2 item",
+        "score: 1.00/2 item",
+        "score: 1.50/2 item",
+    ], lines
+    assert lines[-1] == "score: 2.00/2 item"

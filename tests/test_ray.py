@@ -28,9 +28,11 @@ from mmcurate.embed.encoders import _cached
 from mmcurate.embed.stage import EmbedConfig, embed_shard
 from mmcurate.engine import Outcome, run_stage
 from mmcurate.engine.ray_executor import RayExecutor
-from mmcurate.errors import ShardError
+from mmcurate.errors import ShardError, UsageError
 
 CLI = Group(name="mmcurate", commands={"embed": embed, "score": score})
+# results are byte-identical for a given thread count: every comparison pins the cluster's 2
+THREADS = ("--threads", "2")
 
 # Ray workers cannot import this test module, so its work functions travel by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -86,7 +88,7 @@ def items_of(corpus: list[Path]) -> list[ShardItem]:
 def local_store(corpus3, tmp_path_factory) -> Path:
     """corpus3 embedded by the local executor: the reference bytes."""
     out = tmp_path_factory.mktemp("local") / "store"
-    result = invoke(*embed_args(corpus3, out))
+    result = invoke(*embed_args(corpus3, out, *THREADS))
     assert result.exit_code == 0, result.output
     return out
 
@@ -153,7 +155,9 @@ def count_attempts(marker_dir: str, item: Item) -> dict:
 
 def test_embed_and_score_on_ray_match_local_bytes(cluster, corpus3, local_store, tmp_path):
     ray_store = tmp_path / "ray_store"
-    result = invoke(*embed_args(corpus3, ray_store, "--executor", "ray", "--ray-address", cluster))
+    result = invoke(
+        *embed_args(corpus3, ray_store, "--executor", "ray", "--ray-address", cluster, *THREADS)
+    )
     assert result.exit_code == 0, result.output
     assert "3 done, 0 already done" in result.output
     assert store_bytes(ray_store) == store_bytes(local_store)
@@ -178,6 +182,7 @@ def test_embed_and_score_on_ray_match_local_bytes(cluster, corpus3, local_store,
         "3",
         "--window",
         "40",
+        *THREADS,
     ]
     local_scores, ray_scores = tmp_path / "local_scores", tmp_path / "ray_scores"
     result = invoke("score", str(local_store), "--out", str(local_scores), *score_args)
@@ -215,7 +220,7 @@ def test_failing_tasks_are_retried_and_outputs_complete(cluster, corpus3, local_
     markers.mkdir()
     out = tmp_path / "store"
     fn = functools.partial(embed_failing_once, str(markers), *embed_job(out))
-    outcomes, skipped = run_stage(RayExecutor(cluster, 1, 0), fn, items_of(corpus3), desc="t")
+    outcomes, skipped = run_stage(RayExecutor(cluster, 2, 0), fn, items_of(corpus3), desc="t")
     assert [(o.name, o.ok) for o in outcomes] == [(p.stem, True) for p in corpus3], outcomes
     assert skipped == []
     attempts = {p.name: len(p.read_text().splitlines()) for p in markers.iterdir()}
@@ -296,9 +301,9 @@ def _settle(out: Path, quiet: float = 3.0, limit: float = 60.0) -> dict[str, int
 def test_resume_after_driver_sigkill_redoes_only_unfinished_stems(cluster, tmp_path):
     corpus = generate_corpus(tmp_path / "corpus", n_shards=8, per_shard=60, seed=4)
     reference = tmp_path / "reference"
-    assert invoke(*embed_args(corpus, reference)).exit_code == 0
+    assert invoke(*embed_args(corpus, reference, *THREADS)).exit_code == 0
     out = tmp_path / "store"
-    args = embed_args(corpus, out, "--executor", "ray", "--ray-address", cluster)
+    args = embed_args(corpus, out, "--executor", "ray", "--ray-address", cluster, *THREADS)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     driver = subprocess.Popen(
         [sys.executable, "-m", "mmcurate", *args],
@@ -362,3 +367,71 @@ def test_unreachable_or_malformed_address_is_refused_in_one_line(corpus3, tmp_pa
         assert result.output.strip().splitlines()[0].startswith(message), result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def reporting_item(item: Item) -> dict:
+    """Reports a quarter, a half and three quarters done, a little apart, then finishes."""
+    from mmcurate.engine import report_progress
+
+    for fraction in (0.25, 0.5, 0.75):
+        report_progress(fraction)
+        time.sleep(0.4)
+    return {"rows": 1}
+
+
+def test_progress_from_ray_tasks_reaches_the_driver(cluster):
+    events: list = []
+    executor = RayExecutor(cluster, 1, 0)
+    sink = functools.partial(_note, events)
+    for outcome in executor.map(reporting_item, [Item("a"), Item("b")], sink):
+        events.append((outcome.name, "done"))
+    for name in ("a", "b"):
+        assert [f for n, f in events if n == name] == [0.25, 0.5, 0.75, "done"], events
+
+
+def _note(events: list, name: str, fraction: float) -> None:
+    events.append((name, fraction))
+
+
+def test_auto_threads_on_ray_divide_the_smallest_node(cluster):
+    executor = RayExecutor(cluster, "auto", 0, workers=2)
+    outcomes = list(executor.map(report_resources, [Item("x")]))
+    assert executor.threads == 1 and outcomes[0].stats["resources"] == {"CPU": 1.0}
+    assert RayExecutor(cluster, "auto", 0).connect() is None
+    with pytest.raises(UsageError, match="no Ray node has that many CPUs"):
+        RayExecutor(cluster, 3, 0).connect()
+
+
+def test_gpu_requests_are_checked_against_the_cluster_at_once(cluster, tmp_path):
+    with pytest.raises(UsageError, match="--device cuda on Ray needs --ray-gpus > 0"):
+        RayExecutor(cluster, 1, 0).check_device("cuda")
+    with pytest.raises(UsageError, match=r"--ray-gpus 2: the Ray cluster has 1 GPU\(s\)"):
+        RayExecutor(cluster, 1, 2).check_device("auto")
+    RayExecutor(cluster, 1, 0.5).check_device("cuda")
+    assert RayExecutor(cluster, 1, 0.5).task_device("auto") == "cuda"
+    assert RayExecutor(cluster, 1, 0).task_device("auto") == "cpu"
+
+
+def test_the_pipeline_gives_ray_tasks_its_gpus(cluster, corpus3, tmp_path):
+    from mmcurate.engine import make_executor
+    from mmcurate.pipeline import plan_from_dict, run_pipeline
+
+    raw = {
+        "out": str(tmp_path / "run"),
+        "executor": "ray",
+        "ray_address": cluster,
+        "ray_gpus": 0.5,
+        "threads": 1,
+        "embed": {"src": [str(p) for p in corpus3], "model": TINY_CLIP, "decode_workers": 0},
+    }
+    plan = plan_from_dict(raw, tmp_path / "pipeline.toml")
+    executor = make_executor(plan.executor)
+    assert isinstance(executor, RayExecutor) and executor.num_gpus == 0.5
+    outcomes = list(executor.map(report_resources, [Item("x")]))
+    assert outcomes[0].stats["resources"] == {"CPU": 1.0, "GPU": 0.5}
+    copying = list(executor.cpu_only().map(report_resources, [Item("y")]))
+    assert copying[0].stats["resources"] == {"CPU": 1.0} and executor.num_gpus == 0.5
+    too_many = plan_from_dict({**raw, "ray_gpus": 4}, tmp_path / "pipeline.toml")
+    with pytest.raises(UsageError, match="the Ray cluster has 1 GPU"):
+        run_pipeline(too_many, progress=False)
+    assert not (tmp_path / "run").exists()

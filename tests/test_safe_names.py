@@ -136,11 +136,6 @@ def test_the_shard_writer_accepts_sub_directories(tmp_path):
         assert tar.getnames() == ["part1/00001.seg.png", "part1/00001.txt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="needs the lead's line in embed/stage.py _sample_problem (see the interop report)",
-)
 def test_embed_skips_and_counts_unsafe_names(tmp_path):
     shard = hostile_shard(tmp_path / "src" / "h.tar")
     out = tmp_path / "store"

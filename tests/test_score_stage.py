@@ -340,6 +340,8 @@ def test_missing_target_file_refuses_before_work(tmp_path):
         (["--temperature", "0"], "--temperature must be > 0"),
         (["--k", "0"], "--k must be >= 1"),
         (["--p", "-1", "--target", "STORE"], "--p must be a number > 0 or inf"),
+        (["--threads", "0"], "--threads must be auto or an integer >= 1"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_2(tmp_path, args, message):
@@ -393,3 +395,116 @@ def test_window_items_name_their_stems(tmp_path):
     cfg = resolve_score(str(store), str(tmp_path / "o"), ScoreConfig(window=50, batch_size=16))
     items = window_items(cfg)
     assert [it.name for it in items] == ["w00000:00000..00001", "w00001:00002"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused_at_once(tmp_path):
+    store = tmp_path / "store"
+    make_store(store, [20])
+    result = run_cli(store, "--out", tmp_path / "o", "--device", "cuda")
+    assert result.exit_code == 2
+    assert (
+        result.output.strip() == "Error: --device cuda: no CUDA device is visible to this process"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_bf16_on_the_cpu_says_it_falls_back_to_fp32(tmp_path):
+    store = tmp_path / "store"
+    make_store(store, [40, 30], d=16, seed=3)
+    common = ["--batch-size", "16", "--k", "2", "--device", "cpu", "--threads", "1"]
+    asked = subprocess_score(store, tmp_path / "bf16", *common, "--precision", "bf16")
+    subprocess_score(store, tmp_path / "fp32", *common)
+    warnings = [line for line in asked.stderr.splitlines() if line.startswith("Warning")]
+    assert warnings == ["Warning: --precision bf16: the CPU has no fast bf16 matmul, using fp32"], (
+        asked.stderr
+    )
+    assert "precision fp32" in asked.stdout
+    for stem in ("00000", "00001"):
+        bf16, fp32 = (tmp_path / d / f"{stem}.scores.parquet" for d in ("bf16", "fp32"))
+        assert bf16.read_bytes() == fp32.read_bytes()
+
+
+def subprocess_score(store: Path, out: Path, *args: str):
+    from conftest import run_cli as run_mmcurate
+
+    proc = run_mmcurate("score", store, "--out", out, *args)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_the_score_bar_moves_within_a_window(tmp_path, monkeypatch, capsys):
+    import mmcurate.engine.report as report
+    import mmcurate.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.0)
+    monkeypatch.setattr(report, "MIN_INTERVAL", 0.0)
+    store = tmp_path / "store"
+    make_store(store, [64], d=8)
+    config = ScoreConfig(metrics=("negclip",), batch_size=16, k=2, device="cpu")
+    run_score(str(store), str(tmp_path / "o"), config, LocalExecutor(1, 1))
+    done = [line.split(" ")[1] for line in capsys.readouterr().err.splitlines()]
+    assert done[:-1] == [f"{i / 8:.2f}/1" for i in range(9)], done
+
+
+def run_watched(*args: str) -> tuple[float, float, float]:
+    """Run `python -m mmcurate ARGS`; return (wall, CPU, CPU + waiting for a CPU) in seconds.
+
+    The last comes from every thread's /proc schedstat (time on a CPU, time runnable but waiting
+    for one), read until the process ends: on a machine shared with other jobs it still shows
+    how many cores the run kept busy, where CPU / wall shows how many it was given.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path as P
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmcurate", *map(str, args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen: dict[str, tuple[int, int]] = {}
+    while proc.poll() is None:
+        for task in P(f"/proc/{proc.pid}/task").glob("*"):
+            try:
+                run, wait, _ = map(int, (task / "schedstat").read_text().split())
+            except (OSError, ValueError):
+                continue
+            seen[task.name] = (run, wait)
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0
+    cpu = sum(r for r, _ in seen.values()) / 1e9
+    return wall, cpu, sum(r + w for r, w in seen.values()) / 1e9
+
+
+@pytest.mark.slow
+def test_default_threads_use_every_core_and_match_an_explicit_count(tmp_path):
+    """`mmcurate score` with default flags keeps every usable core busy, and its sidecars are
+    byte-identical to a run with --threads set to that count."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("needs at least 2 usable cores")
+    store = tmp_path / "store"
+    make_store(store, [16384] * 4, d=256, seed=7)
+    args = ["--metric", "negclip", "--batch-size", "8192", "--k", "1", "--temperature", "0.01"]
+    out = tmp_path / "default"
+    wall, cpu, busy = run_watched(
+        "score", store, "--out", out, *args, "--json", tmp_path / "s.json"
+    )
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["threads"] == cores
+    assert json.loads((out / "00000.done.json").read_text())["threads"] == cores
+    assert busy / wall >= 1.5, f"{cpu:.1f} CPU-s, {busy:.1f} busy thread-s in {wall:.1f} s"
+    explicit = tmp_path / "explicit"
+    subprocess_score(store, explicit, *args, "--threads", str(cores))
+    for stem in ("00000", "00001", "00002", "00003"):
+        name = f"{stem}.scores.parquet"
+        assert (out / name).read_bytes() == (explicit / name).read_bytes()

@@ -14,11 +14,14 @@ from mmcurate.curate.normsim import (
     gram,
     normsim_2,
     normsim_d_keep,
+    normsim_d_run,
     normsim_inf_exact,
     normsim_p,
 )
+from mmcurate.curate.precision import resolve_precision, round_to_tf32
 from mmcurate.curate.scores import (
     batch_logsumexp,
+    batch_logsumexps,
     clipscore,
     negclip_batching,
     negclip_batchings,
@@ -194,11 +197,12 @@ def oracle_normsim_d(x: np.ndarray, n_target: int, num_iters: int, seed: int) ->
 
 
 class CountingRows:
-    """A row source that records the largest read, to prove chunks are read block by block."""
+    """A row source that records the largest read and the rows read in all."""
 
     def __init__(self, arr: np.ndarray) -> None:
         self.arr = arr
         self.largest = 0
+        self.total = 0
 
     def __len__(self) -> int:
         return len(self.arr)
@@ -206,27 +210,56 @@ class CountingRows:
     def __getitem__(self, key):
         out = self.arr[key]
         self.largest = max(self.largest, len(out))
+        self.total += len(out)
         return out
 
 
-@pytest.mark.parametrize("n_target,num_iters", [(120, 7), (300, 500), (1, 3)])
-def test_normsim_d_matches_in_memory_oracle(tmp_path, n_target, num_iters):
+def clustered_pool(tmp_path, n: int = 500, d: int = 12) -> np.ndarray:
     rng = np.random.default_rng(8)
-    centres = unit(rng, 4, 12)
-    x = centres[rng.integers(0, 4, 500)] + 0.7 * rng.standard_normal((500, 12))
+    centres = unit(rng, 4, d)
+    x = centres[rng.integers(0, 4, n)] + 0.7 * rng.standard_normal((n, d))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
     path = tmp_path / "pool.f16"
     x.tofile(path)
-    mm = np.memmap(path, dtype=np.float16, mode="r", shape=x.shape)
+    return np.memmap(path, dtype=np.float16, mode="r", shape=x.shape)
+
+
+@pytest.mark.parametrize("n_target,num_iters", [(120, 7), (300, 500), (1, 3), (100, 50)])
+@pytest.mark.parametrize("memory_rows", [8, 450, None])
+def test_normsim_d_matches_in_memory_oracle(tmp_path, n_target, num_iters, memory_rows):
+    mm = clustered_pool(tmp_path)
     chunks = [CountingRows(mm[:170]), CountingRows(mm[170:171]), CountingRows(mm[171:])]
-    mask = normsim_d_keep(chunks, n_target, num_iters=num_iters, seed=2, block=64)
+    budget = {} if memory_rows is None else {"memory_bytes": memory_rows * 2 * 12}
+    mask, reads = normsim_d_run(chunks, n_target, num_iters=num_iters, seed=2, block=64, **budget)
     assert mask.dtype == bool and mask.shape == (500,)
     assert mask.sum() == n_target
-    assert np.array_equal(mask, oracle_normsim_d(x, n_target, num_iters, seed=2))
+    assert np.array_equal(mask, oracle_normsim_d(np.asarray(mm), n_target, num_iters, seed=2))
     assert max(c.largest for c in chunks) <= 64
+    assert sum(c.total for c in chunks) == reads.rows
 
 
-def test_normsim_d_ties_keep_lower_index_and_edges():
+@pytest.mark.parametrize("n_target,num_iters", [(120, 7), (300, 500), (100, 50)])
+def test_normsim_d_reads_a_pool_that_fits_its_budget_once(tmp_path, n_target, num_iters):
+    """The 10% sample and one pass; every later step runs from memory."""
+    mm = clustered_pool(tmp_path)
+    chunks = [CountingRows(mm[:250]), CountingRows(mm[250:])]
+    normsim_d_keep(chunks, n_target, num_iters=num_iters, seed=2, block=64)
+    probe = 1  # the first row, read for the dimension
+    assert sum(c.total for c in chunks) == probe + math.ceil(500 / 10) + 500
+
+
+def test_normsim_d_breaks_ties_by_the_smaller_uid():
+    x = np.tile(np.eye(1, 6, dtype=np.float32), (50, 1))
+    rng = np.random.default_rng(4)
+    uids = np.zeros(50, dtype=np.dtype("u8,u8"))
+    uids["f0"] = rng.permutation(50) // 10
+    uids["f1"] = rng.integers(0, 2**63, 50)
+    mask = normsim_d_keep([x[:20], x[20:]], 20, num_iters=3, uids=uids)
+    smallest = np.lexsort((uids["f1"], uids["f0"]))[:20]
+    assert np.array_equal(np.flatnonzero(mask), np.sort(smallest))
+
+
+def test_normsim_d_ties_without_uids_keep_lower_index_and_edges():
     x = np.tile(np.eye(1, 6, dtype=np.float32), (50, 1))
     mask = normsim_d_keep([x[:20], x[20:]], 20, num_iters=3)
     assert np.array_equal(np.flatnonzero(mask), np.arange(20))
@@ -234,3 +267,60 @@ def test_normsim_d_ties_keep_lower_index_and_edges():
     assert not normsim_d_keep([x], 0, num_iters=5).any()
     with pytest.raises(ValueError):
         normsim_d_keep([x], 51, num_iters=5)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_tf32_rounding_keeps_ten_mantissa_bits_ties_to_even():
+    x = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-10 + 2**-11, -(1 + 2**-12), 0.1])
+    got = round_to_tf32(x)
+    assert got[:4].tolist() == [1.0, 1 + 2**-9, 1 + 2**-9, -1.0]
+    assert abs(got[4].item() - 0.1) <= 0.1 * 2**-11
+    assert int((got.view(torch.int32) & 0x1FFF).abs().sum()) == 0
+    halves = torch.from_numpy(np.random.default_rng(0).standard_normal(1000).astype(np.float16))
+    assert torch.equal(round_to_tf32(halves.float()), halves.float())
+
+
+def test_precisions_run_the_same_path_with_rounded_inputs():
+    img, txt = matched_pairs(300, 24, 0.6, seed=11)
+    img16, txt16 = img.astype(np.float16), txt.astype(np.float16)
+    batchings = negclip_batchings(300, 64, 2, seed=3)
+    run = {
+        p: negclip_from_batchings(img16, txt16, batchings, 0.05, block=16, precision=p)
+        for p in ("fp32", "tf32", "bf16")
+    }
+    assert np.array_equal(run["tf32"], run["fp32"]), "float16 rows are exact in TF32"
+    rounded = [
+        torch.from_numpy(a.astype(np.float32)).bfloat16().double().numpy() for a in (img16, txt16)
+    ]
+    f64 = [a.astype(np.float64) for a in (img16, txt16)]
+    reference = (
+        oracle_negclip(*rounded, batchings, 0.05)
+        - np.einsum("ij,ij->i", *rounded)
+        + np.einsum("ij,ij->i", *f64)
+    )
+    np.testing.assert_allclose(run["bf16"], reference, atol=2e-6)
+    assert np.abs(run["bf16"] - run["fp32"]).max() > 1e-5, "bf16 must differ from fp32"
+
+
+def test_several_taus_from_one_product_match_one_tau_at_a_time():
+    img, txt = matched_pairs(128, 16, 0.5, seed=12)
+    f, g = torch.from_numpy(img), torch.from_numpy(txt)
+    both = batch_logsumexps(f, g, (0.01, 0.07), block=32)
+    for tau, (rows, cols) in zip((0.01, 0.07), both, strict=True):
+        one_rows, one_cols = batch_logsumexp(f, g, tau, block=32)
+        assert torch.equal(rows, one_rows) and torch.equal(cols, one_cols)
+
+
+def test_precision_resolution_on_the_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_precision(None, cpu) == ("fp32", None)
+    assert resolve_precision("fp32", cpu) == ("fp32", None)
+    for asked in ("tf32", "bf16"):
+        precision, note = resolve_precision(asked, cpu)
+        assert precision == "fp32" and note == (
+            f"--precision {asked}: the CPU has no fast {asked} matmul, using fp32"
+        )
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", cpu)

@@ -11,7 +11,6 @@ import click
 
 from mmcurate.data.atomic import write_json_atomic
 from mmcurate.engine import ExecutorConfig, make_executor
-from mmcurate.errors import UsageError
 
 
 def default(cls: type, name: str):
@@ -42,10 +41,10 @@ def executor_options(fn: Callable) -> Callable:
     )
     @click.option(
         "--threads",
-        type=int,
         default=default(ExecutorConfig, "threads"),
         show_default=True,
-        help="Compute threads per worker (results are identical for a given value).",
+        help="Compute threads per worker: auto (usable cores / workers) or N; results are "
+        "identical for a given value.",
     )
     @click.option(
         "--ray-address", default=None, help="Ray cluster: auto or HOST:PORT (default: local)."
@@ -59,8 +58,6 @@ def executor_options(fn: Callable) -> Callable:
     )
     @functools.wraps(fn)
     def wrapper(*args, executor_name, workers, threads, ray_address, ray_gpus, **kwargs):
-        if executor_name == "ray" and kwargs.get("device") == "cuda" and not ray_gpus:
-            raise UsageError("--device cuda on Ray needs --ray-gpus > 0 (GPUs per task)")
         config = ExecutorConfig(executor_name, workers, threads, ray_address, ray_gpus)
         return fn(*args, executor=make_executor(config), **kwargs)
 

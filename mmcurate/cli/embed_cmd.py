@@ -7,6 +7,7 @@ import os
 import click
 
 from mmcurate.cli.common import default, executor_options, finish, print_summary
+from mmcurate.embed.decode import DECODERS
 from mmcurate.embed.stage import MODALITIES, EmbedConfig, run_embed
 
 
@@ -37,15 +38,34 @@ from mmcurate.embed.stage import MODALITIES, EmbedConfig, run_embed
     type=int,
     default=default(EmbedConfig, "decode_workers"),
     show_default=True,
-    help="DataLoader processes decoding images per shard task.",
+    help="DataLoader processes decoding images per shard task (the shard is read once).",
+)
+@click.option(
+    "--decode",
+    type=click.Choice(DECODERS),
+    default=default(EmbedConfig, "decode"),
+    show_default=True,
+    help="gpu: decode JPEGs with torchvision on the encoder's device (the CPU without a GPU), "
+    "falling back to PIL per image.",
 )
 @click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
 @executor_options
 def embed(
-    src, out, model, modality, text_model, batch_size, device, decode_workers, json_path, executor
+    src,
+    out,
+    model,
+    modality,
+    text_model,
+    batch_size,
+    device,
+    decode_workers,
+    decode,
+    json_path,
+    executor,
 ) -> None:
     """Embed webdataset shards (or image folders) into an embedding store."""
-    config = EmbedConfig(model, text_model, modality, batch_size, device, decode_workers)
+    config = EmbedConfig(model, text_model, modality, batch_size, device, decode_workers, decode)
     summary = run_embed(src, out, config, executor)
-    print_summary("mmcurate embed", summary, {"store": os.path.abspath(out), "model": model})
+    extra = {"store": os.path.abspath(out), "model": model, "threads": summary["threads"]}
+    print_summary("mmcurate embed", summary, extra)
     finish(summary, json_path)

@@ -27,10 +27,10 @@ def pipeline(config, start, until, workers, device, json_path) -> None:
     Stages whose settings and inputs are unchanged since they finished are skipped; a changed
     stage re-runs with everything after it; an interrupted stage resumes its unfinished work.
     """
-    from mmcurate.engine import pin_threads
+    from mmcurate.engine import pin_threads, resolve_threads
 
     plan = load_plan(config, {"workers": workers, "device": device})
-    pin_threads(int(plan.settings["threads"]))
+    pin_threads(resolve_threads(plan.settings["threads"], plan.settings["workers"]))
     report = run_pipeline(plan, start=start, until=until)
     click.echo(f"\nmmcurate pipeline: {plan.config_path} -> {plan.out}")
     for stage, entry in report.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mmcurate.cli.common import default, executor_options, finish, print_summary
+from mmcurate.curate.precision import PRECISIONS
 from mmcurate.curate.score_config import DEFAULT_TAU, INDEX_KINDS, METRICS, ScoreConfig
 from mmcurate.curate.score_stage import run_score
 
@@ -72,6 +73,13 @@ from mmcurate.curate.score_stage import run_score
 @click.option(
     "--device", default=default(ScoreConfig, "device"), show_default=True, help="auto, cpu, cuda."
 )
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=default(ScoreConfig, "precision"),
+    help="negclip matmul precision (logsumexp is float32 always). Default: tf32 on a CUDA "
+    "device that has it, else fp32.",
+)
 @click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
 @executor_options
 def score(store, out, json_path, executor, **options) -> None:
@@ -86,7 +94,8 @@ def score(store, out, json_path, executor, **options) -> None:
     if "negclip" in summary["metrics"]:
         extra["negclip"] = (
             f"τ={summary['tau']:g} ({summary['tau_source']}), B={summary['batch_size']}, "
-            f"K={summary['k']}, window={summary['window']}, seed={summary['seed']}"
+            f"K={summary['k']}, window={summary['window']}, seed={summary['seed']}, "
+            f"precision {summary['precision']}"
         )
     if "target" in summary:
         rows, dim = summary["target"]["shape"]
@@ -94,6 +103,7 @@ def score(store, out, json_path, executor, **options) -> None:
         recall = summary.get("normsim_inf_recall_min")
         if recall is not None:
             extra["target"] += f", normsim_inf recall@1 >= {recall:.4f} (sampled per window)"
+    extra["threads"] = summary["threads"]
     extra["sidecars"] = out
     print_summary("mmcurate score", summary, extra)
     finish(summary, json_path)

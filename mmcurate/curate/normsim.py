@@ -1,5 +1,6 @@
 """Score math of SPEC §4, part two: NormSim_p against a target set (2 through the Gram matrix,
-∞ through FAISS, any p by blocked matmul) and NormSim-D. Pure functions, no I/O.
+∞ through FAISS, any p by blocked matmul). Pure functions, no I/O. NormSim-D lives in
+`curate.normsim_d_math` (re-exported here).
 
 Embedding arguments are row sources (`curate.rows`), read block by block as float32.
 """
@@ -7,12 +8,23 @@ Embedding arguments are row sources (`curate.rows`), read block by block as floa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from mmcurate.curate.normsim_d_math import normsim_d_keep, normsim_d_run
 from mmcurate.curate.rows import DEFAULT_BLOCK, Rows, as_f32, blocks, row_blocks, torch_device
+
+__all__ = [
+    "MaxAbsIndex",
+    "estimate_recall",
+    "gram",
+    "normsim_2",
+    "normsim_d_keep",
+    "normsim_d_run",
+    "normsim_inf_exact",
+    "normsim_p",
+]
 
 
 def gram(
@@ -164,108 +176,3 @@ def estimate_recall(index: MaxAbsIndex, targets: Rows, queries: Rows) -> float:
     approx = index.search(queries)
     exact = normsim_inf_exact(queries, targets)
     return float(np.mean(approx >= exact - 1e-6 * np.maximum(1.0, np.abs(exact))))
-
-
-# --------------------------------------------------------------------------- NormSim-D
-
-
-def _chunk_offsets(chunks: Sequence[Rows]) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
-
-
-def _outer_sum(
-    chunks: Sequence[Rows], offsets: np.ndarray, rows: np.ndarray | None, block: int
-) -> np.ndarray:
-    """Σ f fᵀ (float64) over the given sorted global rows (None: all), reading only those rows."""
-    d = np.asarray(chunks[0][:1]).shape[1]
-    acc = np.zeros((d, d), dtype=np.float64)
-    for c, chunk in enumerate(chunks):
-        if rows is None:
-            keys = [slice(b0, b1) for b0, b1 in blocks(len(chunk), block)]
-        else:
-            lo, hi = np.searchsorted(rows, [offsets[c], offsets[c + 1]])
-            local = rows[lo:hi] - offsets[c]
-            keys = [local[b0:b1] for b0, b1 in blocks(len(local), block)]
-        for key in keys:
-            f = as_f32(chunk, key).astype(np.float64)
-            acc += f.T @ f
-    return acc
-
-
-def _quadratic_scores(
-    chunks: Sequence[Rows],
-    offsets: np.ndarray,
-    keep: np.ndarray,
-    s_mat: np.ndarray,
-    block: int,
-    dev: torch.device,
-) -> np.ndarray:
-    """xᵀSx for every kept row (float32; dropped rows get +inf), read block by block."""
-    s_t = torch.from_numpy(s_mat.astype(np.float32)).to(dev)
-    out = np.full(int(offsets[-1]), np.inf, dtype=np.float32)
-    for c, chunk in enumerate(chunks):
-        base = int(offsets[c])
-        for r0, r1 in blocks(len(chunk), block):
-            live = np.flatnonzero(keep[base + r0 : base + r1])
-            if live.size == 0:
-                continue
-            xb = torch.from_numpy(as_f32(chunk, slice(r0, r1))[live]).to(dev)
-            out[base + r0 + live] = ((xb @ s_t) * xb).sum(dim=1).cpu().numpy()
-    return out
-
-
-def _lowest(scores: np.ndarray, keep: np.ndarray, count: int) -> np.ndarray:
-    """The `count` kept rows with the lowest score; at a tie the larger index goes first."""
-    kept = np.flatnonzero(keep)
-    ks = scores[kept]
-    threshold = np.partition(ks, count - 1)[count - 1]
-    below = kept[ks < threshold]
-    tied = kept[ks == threshold]
-    return np.sort(np.concatenate([below, tied[::-1][: count - below.size]]))
-
-
-def normsim_d_keep(
-    chunks: Sequence[np.ndarray],
-    n_target: int,
-    *,
-    num_iters: int,
-    seed: int = 0,
-    block: int = DEFAULT_BLOCK,
-    device: str | torch.device | None = None,
-) -> np.ndarray:
-    """NormSim-D (SPEC §4): boolean keep-mask over the concatenated chunks, exactly n_target True.
-
-    S starts as the mean f fᵀ over a seeded 10% sample (`default_rng(seed).choice(N, ceil(N/10),
-    replace=False)`). Each step scores the kept rows by xᵀSx, drops the
-    ceil((N − n_target)/num_iters) lowest (never past n_target; at equal score the larger row
-    index is dropped first) and sets S to the mean f fᵀ of the kept set (by subtracting the
-    dropped rows from the running sum). Chunks are read block by block, never concatenated.
-    """
-    offsets = _chunk_offsets(chunks)
-    n = int(offsets[-1])
-    if not 0 <= n_target <= n:
-        raise ValueError(f"n_target must be in [0, {n}], got {n_target}")
-    if num_iters < 1:
-        raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-    keep = np.ones(n, dtype=bool)
-    if n_target == n:
-        return keep
-    if n_target == 0:
-        return np.zeros(n, dtype=bool)
-    dev = torch_device(device)
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, size=math.ceil(n / 10), replace=False))
-    s_mat = _outer_sum(chunks, offsets, sample, block) / sample.size
-    kept_sum = _outer_sum(chunks, offsets, None, block)
-    step = math.ceil((n - n_target) / num_iters)
-    n_kept = n
-    for _ in range(num_iters):
-        scores = _quadratic_scores(chunks, offsets, keep, s_mat, block, dev)
-        dropped = _lowest(scores, keep, min(step, n_kept - n_target))
-        keep[dropped] = False
-        n_kept -= dropped.size
-        if n_kept == n_target:
-            break
-        kept_sum -= _outer_sum(chunks, offsets, dropped, block)
-        s_mat = kept_sum / n_kept
-    return keep

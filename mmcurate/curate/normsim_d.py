@@ -1,5 +1,6 @@
 """The NormSim-D stage of `select`: the survivors' image embeddings, memory-mapped from the store
-stem by stem, shrunk to the target size by `normsim_d_keep`."""
+stem by stem, shrunk to the target size by `normsim_d_run` (ties to the smaller uid); the
+record says how often the pool was read and how many bytes."""
 
 from __future__ import annotations
 
@@ -15,8 +16,26 @@ from mmcurate.data.uid import hex_to_pairs, pair_order
 from mmcurate.errors import ShardError
 
 
+class StemRows:
+    """One stem's survivors as a row source over the store's memory map: reads only the rows
+    asked for, and counts the bytes it read."""
+
+    def __init__(self, chunks: SurvivorChunks, index: int) -> None:
+        self.chunks, self.index = chunks, index
+
+    def __len__(self) -> int:
+        return len(self.chunks.rows[self.index])
+
+    def __getitem__(self, key) -> np.ndarray:
+        arr = self.chunks.array(self.index)
+        out = np.asarray(arr[self.chunks.rows[self.index][key]])
+        self.chunks.bytes_read += out.nbytes
+        return out
+
+
 class SurvivorChunks(Sequence):
-    """Survivors' image embeddings per stem, memory-mapped from the store and read on access."""
+    """Survivors' image embeddings per stem, memory-mapped from the store and read on access;
+    `bytes_read` counts every byte NormSim-D asked for."""
 
     def __init__(
         self, store: str | os.PathLike, img_key: str, groups: Sequence[tuple[str, np.ndarray]]
@@ -24,10 +43,11 @@ class SurvivorChunks(Sequence):
         from mmcurate.data.store import read_meta
 
         self.store, self.img_key = store, img_key
-        self._stems: list[str] = []
-        self._rows: list[np.ndarray] = []
+        self.stems: list[str] = []
+        self.rows: list[np.ndarray] = []
         self._nrows: list[int] = []
         self._maps: dict[int, np.ndarray] = {}
+        self.bytes_read = 0
         for stem, wanted in groups:
             meta = read_meta(store, stem, ["uid"])
             try:
@@ -39,24 +59,28 @@ class SurvivorChunks(Sequence):
             idx = np.minimum(np.searchsorted(sorted_have, wanted), max(len(have) - 1, 0))
             if len(have) == 0 or not np.all(sorted_have[idx] == wanted):
                 raise ShardError(f"{stem}: survivors missing from the store's {stem}.parquet")
-            self._stems.append(stem)
-            self._rows.append(order[idx])
+            self.stems.append(stem)
+            self.rows.append(order[idx])
             self._nrows.append(meta.num_rows)
 
     def __len__(self) -> int:
-        return len(self._stems)
+        return len(self.stems)
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return StemRows(self, i % len(self))
+
+    def array(self, i: int) -> np.ndarray:
+        """The memory-mapped image array of stem i, opened once."""
         if i not in self._maps:
             from mmcurate.data.store import read_arrays
 
-            arrays = read_arrays(self.store, self._stems[i], [self.img_key], rows=self._nrows[i])
+            arrays = read_arrays(self.store, self.stems[i], [self.img_key], rows=self._nrows[i])
             self._maps[i] = arrays[self.img_key]
-        return np.asarray(self._maps[i][self._rows[i]], dtype=np.float32)
+        return self._maps[i]
 
 
 def normsim_d_stage(
@@ -85,7 +109,7 @@ def normsim_d_stage(
     if target >= len(survivors) or target == 0:
         keep = survivors if target else survivors[:0]
     else:
-        from mmcurate.curate.normsim import normsim_d_keep
+        from mmcurate.curate.normsim_d_math import normsim_d_run
 
         file_of = np.searchsorted(pool.offsets, survivors, side="right") - 1
         starts = np.flatnonzero(np.r_[True, np.diff(file_of) != 0])
@@ -94,9 +118,18 @@ def normsim_d_stage(
             (pool.stems[int(file_of[a])], pool.pairs[survivors[a:b]]) for a, b in zip(starts, ends)
         ]
         chunks = SurvivorChunks(store, img_key, groups)
-        mask = np.asarray(normsim_d_keep(chunks, target, num_iters=iters, seed=seed), dtype=bool)
+        mask, reads = normsim_d_run(
+            chunks, target, num_iters=iters, seed=seed, uids=pool.pairs[survivors]
+        )
         if mask.shape != survivors.shape:
             raise ShardError(f"normsim_d returned {mask.shape[0]} flags for {len(survivors)} rows")
         keep = survivors[mask]
+        record["reads"] = {
+            "passes": reads.passes,
+            "rows": reads.rows,
+            "pool_reads": round(reads.rows / len(survivors), 3),
+            "bytes": chunks.bytes_read,
+            "memory_bytes": reads.memory_bytes,
+        }
     record["count"] = int(len(keep))
     return keep, record

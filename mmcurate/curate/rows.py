@@ -42,3 +42,20 @@ def row_blocks(
     """(start, stop, float32 tensor on dev) per block of rows; a memmap is read block by block."""
     for r0, r1 in blocks(len(rows), block):
         yield r0, r1, torch.from_numpy(as_f32(rows, slice(r0, r1))).to(dev)
+
+
+def device_rows(rows: Rows, dev: torch.device, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """All rows as one tensor on `dev`, copied once block by block in their stored dtype:
+    float16 stays float16 (a store's window), anything else becomes float32."""
+    if isinstance(rows, torch.Tensor):
+        return rows.to(dev)
+    if hasattr(rows, "tensor"):
+        return rows.tensor(dev)
+    n = len(rows)
+    first = np.asarray(rows[0:1])
+    dtype = torch.float16 if first.dtype == np.float16 else torch.float32
+    out = torch.empty((n, first.shape[1]), dtype=dtype, device=dev)
+    for r0, r1 in blocks(n, block):
+        part = np.ascontiguousarray(np.asarray(rows[r0:r1]), dtype=first.dtype)
+        out[r0:r1] = torch.from_numpy(part).to(device=dev, dtype=dtype)
+    return out

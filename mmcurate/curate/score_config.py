@@ -9,9 +9,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mmcurate.curate.precision import PRECISIONS, resolve_precision
 from mmcurate.curate.targets import cached_target
 from mmcurate.data.store import detect_keys, store_logit_scale
-from mmcurate.embed import DEFAULT_DEVICE
+from mmcurate.embed import DEFAULT_DEVICE, check_device_name
 from mmcurate.errors import UsageError
 
 METRICS = ("clipscore", "negclip", "normsim")
@@ -37,6 +38,7 @@ class ScoreConfig:
     txt_key: str | None = None
     normsim_index: str = "flat"
     device: str = DEFAULT_DEVICE
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class ScoreJob:
     target_shape: tuple[int, int] | None
     normsim_index: str
     device: str
+    precision: str
     columns: tuple[str, ...]
 
     def signature(self) -> dict:
@@ -100,11 +103,9 @@ def _check_options(store: str, out: str, config: ScoreConfig) -> None:
     unknown = [m for m in config.metrics if m not in METRICS]
     if unknown:
         raise UsageError(f"unknown metric(s) {unknown}: use {', '.join(METRICS)}")
-    if str(config.device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {config.device}: no CUDA device is available")
+    check_device_name(config.device)
+    if config.precision is not None and config.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if config.normsim_index not in INDEX_KINDS:
         raise UsageError(f"--normsim-index must be flat, ivf or hnsw, got {config.normsim_index!r}")
 
@@ -118,8 +119,22 @@ def _temperature(store: str, config: ScoreConfig) -> tuple[float, str]:
     return DEFAULT_TAU, "default"
 
 
-def resolve_score(store: str, out: str, config: ScoreConfig) -> ScoreJob:
-    """Validate options (UsageError before any work) and resolve defaults: metrics, p, τ."""
+def task_precision(requested: str | None, task_device: str) -> str:
+    """The negclip precision on the tasks' device type; a fallback is warned about in one line."""
+    import torch
+
+    dev = torch.device(task_device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return requested or "tf32"  # the tasks' GPUs are on other nodes: they check it there
+    precision, note = resolve_precision(requested, dev)
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return precision
+
+
+def resolve_score(store: str, out: str, config: ScoreConfig, task_device: str = "cpu") -> ScoreJob:
+    """Validate options (UsageError before any work) and resolve defaults: metrics, p, τ, and
+    the negclip precision on `task_device` (cpu or cuda, where the work items will run)."""
     _check_options(store, out, config)
     targets = tuple(config.target)
     chosen = list(dict.fromkeys(config.metrics))
@@ -164,5 +179,6 @@ def resolve_score(store: str, out: str, config: ScoreConfig) -> ScoreJob:
         target_shape=target_shape,
         normsim_index=config.normsim_index,
         device=config.device,
+        precision=task_precision(config.precision, task_device) if "negclip" in chosen else "fp32",
         columns=tuple(columns),
     )

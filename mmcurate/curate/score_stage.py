@@ -24,14 +24,16 @@ from typing import Any
 import numpy as np
 
 from mmcurate.curate.normsim import MaxAbsIndex, estimate_recall, gram, normsim_2, normsim_p
+from mmcurate.curate.precision import resolve_precision
+from mmcurate.curate.rows import torch_device
 from mmcurate.curate.score_config import ScoreConfig, ScoreJob, normsim_column, resolve_score
-from mmcurate.curate.scores import clipscore, negclip_scores
+from mmcurate.curate.scores import clipscore, negclip_batch_count, negclip_scores
 from mmcurate.curate.targets import cached_derived, cached_target
 from mmcurate.curate.validity import valid_rows
 from mmcurate.curate.windows import WindowItem, WindowRows, window_is_done, window_items
 from mmcurate.data.atomic import write_json_atomic, write_parquet_atomic
 from mmcurate.data.store import done_path, read_stem
-from mmcurate.engine import Executor, run_stage, summarise
+from mmcurate.engine import Executor, report_progress, run_stage, summarise
 from mmcurate.errors import ShardError
 
 RECALL_QUERIES = 1000
@@ -112,6 +114,7 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
     img = views[job.img_key]
     columns: dict[str, np.ndarray] = {}
     recall = None
+    precision, _ = resolve_precision(job.precision, torch_device(job.device))
     if "clipscore" in job.metrics:
         columns["clipscore"] = clipscore(img, views[job.txt_key])
     if "negclip" in job.metrics:
@@ -123,6 +126,8 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
             k=job.k,
             seed=(job.seed, item.index),
             device=job.device,
+            precision=precision,
+            on_batch=_batch_reporter(negclip_batch_count(len(img), job.batch_size, job.k)),
         )
     for p in job.ps:
         if p == 2:
@@ -138,18 +143,31 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
         else:
             values = normsim_p(img, cached_target(job.targets, job.img_key), p, device=job.device)
         columns[normsim_column(p)] = values
-    _write_window(job, item, stems, columns, img.offsets, recall)
+    _write_window(job, item, stems, columns, img.offsets, recall, precision)
     stats: dict[str, Any] = {
         "rows": int(len(img)),
         "read": int(sum(s["read"] for s in stems)),
         "skipped": _sum_reasons(s["skipped"] for s in stems),
         "stems": len(stems),
         "failed_stems": failed,
+        "precision": precision,
         "seconds": round(time.perf_counter() - start, 3),
     }
     if recall is not None:
         stats["recall"] = recall
     return stats
+
+
+def _batch_reporter(total: int):
+    """Reports the window's progress after each negclip batch (the bar moves within a window)."""
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        report_progress(done / max(total, 1), final=done == total)
+
+    return tick
 
 
 def _sum_reasons(dicts) -> dict[str, int]:
@@ -167,9 +185,11 @@ def _write_window(
     columns: dict[str, np.ndarray],
     offsets: np.ndarray,
     recall: float | None,
+    precision: str,
 ) -> None:
     """Every stem's sidecar first, then every stem's done marker (so a kill redoes the window)."""
     import pyarrow as pa
+    import torch
 
     sig = job.signature()
     for i, s in enumerate(stems):
@@ -188,6 +208,8 @@ def _write_window(
             "window": item.name,
             "window_stems": item.stems,
             "config": sig,
+            "precision": precision,
+            "threads": torch.get_num_threads(),
         }
         if recall is not None:
             marker["normsim_inf_recall"] = recall
@@ -197,9 +219,16 @@ def _write_window(
 # --------------------------------------------------------------------------- the stage
 
 
+def _one(values: list, default: Any) -> Any:
+    """The value every item reported (a sorted list if they differ), else `default`."""
+    found = sorted({v for v in values if v is not None})
+    return found[0] if len(found) == 1 else (found or default)
+
+
 def run_score(store: str, out: str, config: ScoreConfig, executor: Executor) -> dict:
     """Score every unfinished window of the store; the end summary (failed windows and stems)."""
-    job = resolve_score(store, out, config)
+    executor.check_device(config.device)
+    job = resolve_score(store, out, config, executor.task_device(config.device))
     os.makedirs(job.out, exist_ok=True)
     items = window_items(job)
     outcomes, skipped = run_stage(
@@ -227,6 +256,7 @@ def run_score(store: str, out: str, config: ScoreConfig, executor: Executor) -> 
             "seed": job.seed,
             "img_key": job.img_key,
             "txt_key": job.txt_key,
+            "precision": _one([o.stats.get("precision") for o in outcomes], job.precision),
             "out": job.out,
         }
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mmcurate.curate.score_config import ScoreJob
 from mmcurate.data.store import finished_stems, read_done
@@ -80,7 +81,8 @@ def window_is_done(job: ScoreJob, item: WindowItem) -> bool:
 
 
 class WindowRows:
-    """The valid rows of a window's stems as one lazy (n, d) matrix, gathered as float32."""
+    """The valid rows of a window's stems as one lazy (n, d) matrix, gathered as float32, or
+    copied once to a device in the stems' own dtype (`tensor`)."""
 
     def __init__(self, parts: Sequence[tuple[np.ndarray, np.ndarray]], dim: int) -> None:
         self.parts = list(parts)
@@ -107,4 +109,15 @@ class WindowRows:
             if lo < hi:
                 local = rows[sorted_idx[lo:hi] - self.offsets[p]]
                 out[order[lo:hi]] = arr[local]
+        return out
+
+    def tensor(self, dev: torch.device) -> torch.Tensor:
+        """Every row on `dev` in the stems' dtype (float16 for a store), copied stem by stem."""
+        dtypes = {np.dtype(arr.dtype) for arr, _ in self.parts}
+        dtype = torch.float16 if dtypes == {np.dtype(np.float16)} else torch.float32
+        out = torch.empty(self.shape, dtype=dtype, device=dev)
+        for p, (arr, rows) in enumerate(self.parts):
+            lo, hi = int(self.offsets[p]), int(self.offsets[p + 1])
+            if hi > lo:
+                out[lo:hi] = torch.from_numpy(np.asarray(arr[rows])).to(device=dev, dtype=dtype)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_DEVICE = "auto"
 
 
+def check_device_name(name: str) -> None:
+    """Refuse a device name other than auto, cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(name)):
+        raise UsageError(f"unknown device {name!r}: use auto, cpu or cuda")
+
+
 def resolve_device(name: str = DEFAULT_DEVICE) -> torch.device:
     """`auto` picks CUDA when present; `cuda` without a GPU is refused."""
-    if name == "auto":
+    check_device_name(name)
+    if name == DEFAULT_DEVICE:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but no CUDA device is available")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise UsageError(f"unknown device {name!r}: use auto, cpu or cuda")
+        raise UsageError(f"--device {name}: no CUDA device is visible to this process")
     return torch.device(name)
 
 
@@ -156,6 +162,11 @@ def _image_size(preprocess) -> tuple[int, int]:
     return tuple(preprocess(Image.new("RGB", (8, 8))).shape[-2:])
 
 
+def _to_rgb(image):
+    """A PIL image in RGB (a no-op for tensors decoded as RGB on the device)."""
+    return image.convert("RGB") if hasattr(image, "convert") else image
+
+
 def _clip_transform(size: int, mean=CLIP_MEAN, std=CLIP_STD):
     from torchvision import transforms as T
 
@@ -163,7 +174,7 @@ def _clip_transform(size: int, mean=CLIP_MEAN, std=CLIP_STD):
         [
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(size),
-            T.Lambda(lambda im: im.convert("RGB")),
+            T.Lambda(_to_rgb),
             T.ToTensor(),
             T.Normalize(mean, std),
         ]

@@ -1,10 +1,12 @@
-"""The `embed` stage: shards -> store stems, one work item per shard, decoding in DataLoader
-workers."""
+"""The `embed` stage: shards -> store stems, one work item per shard.
+
+Each shard is read once, by the task's own process; its batches go to DataLoader workers that
+decode the images (or, with `--decode gpu`, are decoded on the encoder's device), in order, so
+the output is byte-identical for any number of decode workers."""
 
 from __future__ import annotations
 
 import functools
-import io
 import os
 import time
 from collections import Counter
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from mmcurate.data.shards import ShardItem, iter_samples, shard_items
 from mmcurate.data.skips import (
@@ -24,9 +26,10 @@ from mmcurate.data.skips import (
     UNDECODABLE_IMAGE,
 )
 from mmcurate.data.store import IMG_KEY, TXT_KEY, is_done, write_stem
-from mmcurate.embed.encoders import DEFAULT_DEVICE, load_encoder, resolve_device
+from mmcurate.embed.decode import DECODERS, decode_image, decode_on_device
+from mmcurate.embed.encoders import DEFAULT_DEVICE, check_device_name, load_encoder
 from mmcurate.engine import Executor, run_stage, summarise
-from mmcurate.errors import ShardError
+from mmcurate.errors import UsageError
 
 MODALITIES = ("both", "image", "text")
 
@@ -41,6 +44,7 @@ class EmbedConfig:
     batch_size: int = 256
     device: str = DEFAULT_DEVICE
     decode_workers: int = 2
+    decode: str = "cpu"
 
     @property
     def image_spec(self) -> str | None:
@@ -53,16 +57,9 @@ class EmbedConfig:
         return (self.text_model or self.model) if self.modality != "image" else None
 
 
-def decode_image(data: bytes, preprocess: Callable) -> torch.Tensor:
-    """Decode image bytes fully (truncated files fail here, not later) and preprocess them."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return preprocess(im.convert("RGB"))
-
-
 def _sample_problem(sample: dict, needs_image: bool, needs_text: bool) -> str | None:
+    if sample["problem"]:
+        return sample["problem"]
     if needs_image and not sample["image"]:
         return MISSING_IMAGE
     if needs_text and not (sample["caption"] or "").strip():
@@ -70,22 +67,48 @@ def _sample_problem(sample: dict, needs_image: bool, needs_text: bool) -> str | 
     return None
 
 
-class ShardBatches(IterableDataset):
-    """Batches of consecutive samples of one shard; worker w decodes batches b ≡ w (mod W)."""
+ROW_FIELDS = ("uid", "key", "caption", "url")
+READER_FIELDS = ("image", "problem", "uid_source")
 
-    def __init__(self, url: str, preprocess: Callable | None, batch_size: int, modality: str):
+
+class ShardReader:
+    """The batches of one shard, read once, in this process: (index, samples) of consecutive
+    samples, each holding only what embedding needs. Given to the DataLoader as its sampler, so
+    decode workers get batches from this single reader instead of each reading the tar."""
+
+    def __init__(self, url: str, batch_size: int) -> None:
         self.url = url
-        self.preprocess = preprocess
         self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, list[dict]]]:
+        batch: list[dict] = []
+        index = 0
+        for sample in iter_samples(self.url):
+            batch.append({k: sample[k] for k in (*ROW_FIELDS, *READER_FIELDS)})
+            if len(batch) == self.batch_size:
+                yield index, batch
+                batch, index = [], index + 1
+        if batch:
+            yield index, batch
+
+
+class BatchDecoder(Dataset):
+    """Turns one batch of raw samples into rows, pixels (or raw JPEG bytes for device
+    decoding) and the problems of the samples it skips; runs in the DataLoader's workers."""
+
+    def __init__(self, preprocess: Callable | None, modality: str, on_device: bool) -> None:
+        self.preprocess = preprocess
         self.needs_image = modality in ("both", "image")
         self.needs_text = modality in ("both", "text")
+        self.on_device = on_device
 
-    def _decode(self, index: int, samples: list[dict]) -> dict:
-        rows, pixels, problems = [], [], []
+    def __getitem__(self, key: tuple[int, list[dict]]) -> dict:
+        index, samples = key
+        rows, pixels, raw, problems = [], [], [], []
         for s in samples:
             problem = _sample_problem(s, self.needs_image, self.needs_text)
             tensor = None
-            if problem is None and self.needs_image:
+            if problem is None and self.needs_image and not self.on_device:
                 try:
                     tensor = decode_image(s["image"], self.preprocess)
                 except Exception:
@@ -93,43 +116,47 @@ class ShardBatches(IterableDataset):
             if problem is not None:
                 problems.append((s["uid"], problem))
                 continue
-            rows.append({k: s[k] for k in ("uid", "key", "caption", "url")})
+            rows.append({k: s[k] for k in ROW_FIELDS})
             if tensor is not None:
                 pixels.append(tensor)
+            elif self.needs_image:
+                raw.append(s["image"])
         return {
             "index": index,
             "rows": rows,
             "pixels": torch.stack(pixels) if pixels else None,
+            "raw": raw,
             "problems": problems,
-            "error": None,
+            "uid_sources": [s["uid_source"] for s in samples],
         }
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        batch: list[dict] = []
-        index = 0
-        try:
-            for sample in iter_samples(self.url):
-                batch.append(sample)
-                if len(batch) == self.batch_size:
-                    if index % workers == worker:
-                        yield self._decode(index, batch)
-                    batch, index = [], index + 1
-            if batch and index % workers == worker:
-                yield self._decode(index, batch)
-        except ShardError as exc:
-            yield {"index": -1, "error": str(exc)}
+
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
-def _loader(dataset: ShardBatches, decode_workers: int) -> DataLoader:
+def _loader(reader: ShardReader, decoder: BatchDecoder, decode_workers: int) -> DataLoader:
     return DataLoader(
-        dataset,
+        decoder,
         batch_size=None,
+        sampler=reader,
+        collate_fn=_as_is,
         num_workers=decode_workers,
         prefetch_factor=4 if decode_workers else None,
         persistent_workers=False,
     )
+
+
+def _device_pixels(batch: dict, preprocess: Callable, device: torch.device) -> int:
+    """Decode a batch's raw images on the device (`--decode gpu`); rows whose image does not
+    decode anywhere move to the batch's problems. Returns how many fell back to PIL."""
+    decoded, fallbacks = decode_on_device(batch["raw"], preprocess, device)
+    good = [i for i, t in enumerate(decoded) if t is not None]
+    for i in (i for i, t in enumerate(decoded) if t is None):
+        batch["problems"].append((batch["rows"][i]["uid"], UNDECODABLE_IMAGE))
+    batch["rows"] = [batch["rows"][i] for i in good]
+    batch["pixels"] = torch.stack([decoded[i] for i in good]) if good else None
+    return fallbacks
 
 
 def embed_shard(config: EmbedConfig, out: str, item: ShardItem) -> dict:
@@ -141,16 +168,21 @@ def embed_shard(config: EmbedConfig, out: str, item: ShardItem) -> dict:
     image_enc = load_encoder(config.image_spec, config.device) if config.image_spec else None
     text_enc = load_encoder(config.text_spec, config.device) if config.text_spec else None
     preprocess = image_enc.preprocess if image_enc else None
-    dataset = ShardBatches(item.url, preprocess, config.batch_size, modality)
+    on_device = config.decode == "gpu" and image_enc is not None
+    reader = ShardReader(item.url, config.batch_size)
+    decoder = BatchDecoder(preprocess, modality, on_device)
+    fallbacks = 0
     seen: set[str] = set()
     skipped: Counter[str] = Counter()
     rows: list[dict] = []
     img_parts: list[np.ndarray] = []
     txt_parts: list[np.ndarray] = []
     read = 0
-    for batch in _loader(dataset, config.decode_workers):
-        if batch["error"]:
-            raise ShardError(batch["error"])
+    sources: Counter[str] = Counter()
+    for batch in _loader(reader, decoder, config.decode_workers):
+        sources.update(batch["uid_sources"])
+        if on_device:
+            fallbacks += _device_pixels(batch, preprocess, image_enc.device)
         read += len(batch["rows"]) + len(batch["problems"])
         skipped.update(reason for _, reason in batch["problems"])
         keep = []
@@ -196,13 +228,18 @@ def embed_shard(config: EmbedConfig, out: str, item: ShardItem) -> dict:
     stats = {
         "read": read,
         "skipped": dict(sorted(skipped.items())),
+        "uid_sources": dict(sorted(sources.items())),
         "model": config.model,
         "text_model": config.text_model,
         "modality": modality,
         "logit_scale": clip.logit_scale if clip and not config.text_model else None,
         "dims": {k: int(v.shape[1]) for k, v in arrays.items()},
+        "decode": config.decode,
+        "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if on_device:
+        stats["decode_fallbacks"] = fallbacks
     write_stem(out, stem, meta, arrays, stats)
     return {**stats, "rows": meta.num_rows}
 
@@ -217,7 +254,10 @@ def run_embed(
     """Embed every unfinished shard of the sources into the store `out`; the end summary."""
     out = os.path.abspath(out)
     items = shard_items(sources)
-    resolve_device(config.device)
+    check_device_name(config.device)
+    if config.decode not in DECODERS:
+        raise UsageError(f"--decode must be cpu or gpu, got {config.decode!r}")
+    executor.check_device(config.device)
     for spec in filter(None, (config.image_spec, config.text_spec)):
         load_encoder(spec, "cpu")
     outcomes, skipped = run_stage(
@@ -227,4 +267,9 @@ def run_embed(
         is_done=lambda it: is_done(out, it.name),
         desc="embed",
     )
-    return summarise(outcomes, skipped)
+    summary = summarise(outcomes, skipped)
+    sources: Counter[str] = Counter()
+    for outcome in outcomes:
+        sources.update(outcome.stats.get("uid_sources") or {})
+    summary["uid_sources"] = dict(sorted(sources.items()))
+    return summary

@@ -4,22 +4,51 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from mmcurate.engine.base import Executor, Outcome, WorkFn, WorkItem, pin_threads, run_item
+from mmcurate.engine.base import (
+    AUTO_THREADS,
+    Executor,
+    Outcome,
+    WorkFn,
+    WorkItem,
+    pin_threads,
+    pinned,
+    resolve_threads,
+    run_reported,
+)
+from mmcurate.engine.report import ProgressSink, drain, queue_sink
 
 DIED = "worker process died (killed or out of memory)"
+POLL_SECONDS = 0.25
+_worker_sink: ProgressSink | None = None
+
+
+def _init_worker(threads: int, queue) -> None:
+    """A pool worker: pinned to its threads, reporting progress through the queue."""
+    global _worker_sink
+    pin_threads(threads)
+    queue.cancel_join_thread()  # a worker never waits at exit to flush progress ticks
+    _worker_sink = queue_sink(queue)
+
+
+def _run_in_worker(fn: WorkFn, item: WorkItem) -> Outcome:
+    return run_reported(fn, item, _worker_sink)
 
 
 class LocalExecutor(Executor):
-    """Runs items on `workers` processes, each pinned to `threads` compute threads."""
+    """Runs items on `workers` processes, each pinned to `threads` compute threads (`auto`: the
+    usable cores divided among the workers). With one worker, or one item, the item runs in
+    this process, pinned only while it runs."""
 
-    def __init__(self, workers: int, threads: int) -> None:
+    def __init__(self, workers: int, threads: int | str = AUTO_THREADS) -> None:
         self.workers = max(1, int(workers))
-        self.threads = max(1, int(threads))
+        self.threads = resolve_threads(threads, self.workers)
 
-    def map(self, fn: WorkFn, items: Sequence[WorkItem]) -> Iterator[Outcome]:
+    def map(
+        self, fn: WorkFn, items: Sequence[WorkItem], on_progress: ProgressSink | None = None
+    ) -> Iterator[Outcome]:
         """Yield outcomes as items finish; a worker that dies fails only the item it ran.
 
         A dead worker breaks the whole pool. Items start in order, so the first `workers`
@@ -27,43 +56,58 @@ class LocalExecutor(Executor):
         one-process pool, where a second death names the culprit; the rest rerun in parallel.
         """
         if self.workers == 1 or len(items) <= 1:
-            pin_threads(self.threads)
             for item in items:
-                yield run_item(fn, item)
+                with pinned(self.threads):
+                    outcome = run_reported(fn, item, on_progress)
+                yield outcome
             return
         queue = list(items)
         while queue:
-            broken = yield from self._round(fn, queue, self.workers)
+            broken = yield from self._round(fn, queue, self.workers, on_progress)
             suspects, queue = broken[: self.workers], broken[self.workers :]
             while suspects:
-                broken = yield from self._round(fn, suspects, 1)
+                broken = yield from self._round(fn, suspects, 1, on_progress)
                 if broken:
                     yield Outcome(broken[0].name, False, {}, DIED)
                 suspects = broken[1:]
 
     def _round(
-        self, fn: WorkFn, items: list[WorkItem], workers: int
+        self,
+        fn: WorkFn,
+        items: list[WorkItem],
+        workers: int,
+        on_progress: ProgressSink | None,
     ) -> Generator[Outcome, None, list[WorkItem]]:
         """Run items on a fresh pool; yield outcomes; return the items a dead worker broke."""
+        ctx = mp.get_context("spawn")
+        reports = ctx.Queue()
         broken: list[int] = []
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(items)),
-            mp_context=mp.get_context("spawn"),
-            initializer=pin_threads,
-            initargs=(self.threads,),
-        ) as pool:
-            futures = {}
-            for i, item in enumerate(items):
-                try:
-                    futures[pool.submit(run_item, fn, item)] = i
-                except BrokenProcessPool:
-                    broken.extend(range(i, len(items)))
-                    break
-            for future in as_completed(futures):
-                try:
-                    outcome = future.result()
-                except BrokenProcessPool:
-                    broken.append(futures[future])
-                    continue
-                yield outcome
+        try:
+            with ProcessPoolExecutor(
+                max_workers=min(workers, len(items)),
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(self.threads, reports),
+            ) as pool:
+                futures = {}
+                for i, item in enumerate(items):
+                    try:
+                        futures[pool.submit(_run_in_worker, fn, item)] = i
+                    except BrokenProcessPool:
+                        broken.extend(range(i, len(items)))
+                        break
+                pending = set(futures)
+                while pending:
+                    finished, pending = wait(pending, POLL_SECONDS, FIRST_COMPLETED)
+                    drain(reports, on_progress)
+                    for future in finished:
+                        try:
+                            outcome = future.result()
+                        except BrokenProcessPool:
+                            broken.append(futures[future])
+                            continue
+                        yield outcome
+        finally:
+            reports.close()
+            reports.join_thread()
         return [items[i] for i in sorted(broken)]

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from mmcurate.data.atomic import write_json_atomic
+from mmcurate.embed import check_device_name
 from mmcurate.engine import make_executor
 from mmcurate.errors import MmcurateError, UsageError
 from mmcurate.pipeline.config import STAGES, Plan
@@ -79,6 +80,8 @@ def run_pipeline(
     """Run the plan's stages in order; returns {stage: {"status", "hash", "summary", ...}}."""
     stages = _stage_range(plan, start, until)
     ctx = Context(plan, make_executor(plan.executor), progress)
+    check_device_name(ctx.device)
+    ctx.executor.check_device(ctx.device)
     plan.out.mkdir(parents=True, exist_ok=True)
     hashes: dict[str, str] = {}
     report: dict[str, Any] = {}

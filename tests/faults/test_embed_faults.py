@@ -35,7 +35,7 @@ SETTINGS = fault_settings(EXAMPLES)
 shard_plans = st.fixed_dictionaries(
     {
         "n": st.integers(0, 12),
-        "faults": st.lists(st.sampled_from(SAMPLE_FAULTS), max_size=5),
+        "faults": st.lists(st.sampled_from(SAMPLE_FAULTS + NAME_FAULTS), max_size=5),
         "shard_fault": st.one_of(st.none(), st.none(), st.sampled_from(SHARD_FAULTS)),
         "fmt": st.sampled_from(["jpg", "png"]),
         "seed": st.integers(0, 2**16),
@@ -189,12 +189,6 @@ def test_each_sample_fault_beside_a_good_shard(fault, tmp_path):
     run_and_check(shards, tmp_path, "--batch-size", "4")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="needs the lead's line in embed/stage.py _sample_problem (see the interop report); "
-    "then drop this marker and add NAME_FAULTS to the sample strategy above",
-)
 @pytest.mark.parametrize("fault", NAME_FAULTS)
 def test_each_unsafe_name_beside_a_good_shard(fault, tmp_path):
     shards = [
