@@ -8,6 +8,7 @@ from mmcurate.cli.common import default, executor_options, finish, print_summary
 from mmcurate.curate.precision import PRECISIONS
 from mmcurate.curate.score_config import DEFAULT_TAU, INDEX_KINDS, METRICS, ScoreConfig
 from mmcurate.curate.score_stage import run_score
+from mmcurate.curate.semdedup import KEEP_ORDERS
 
 
 @click.command()
@@ -80,6 +81,26 @@ from mmcurate.curate.score_stage import run_score
     help="negclip matmul precision (logsumexp is float32 always). Default: tf32 on a CUDA "
     "device that has it, else fp32.",
 )
+@click.option(
+    "--clusters",
+    type=int,
+    default=default(ScoreConfig, "clusters"),
+    help="semdedup k-means clusters. Default: sqrt(rows) rounded, at least 1.",
+)
+@click.option(
+    "--dedup-keep",
+    type=click.Choice(KEEP_ORDERS),
+    default=default(ScoreConfig, "dedup_keep"),
+    show_default=True,
+    help="semdedup order within a cluster: hard keeps the members farthest from the centroid.",
+)
+@click.option(
+    "--dedup-train",
+    type=int,
+    default=default(ScoreConfig, "dedup_train"),
+    show_default=True,
+    help="semdedup k-means training sample (rows, seeded).",
+)
 @click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
 @executor_options
 def score(store, out, json_path, executor, **options) -> None:
@@ -103,6 +124,11 @@ def score(store, out, json_path, executor, **options) -> None:
         recall = summary.get("normsim_inf_recall_min")
         if recall is not None:
             extra["target"] += f", normsim_inf recall@1 >= {recall:.4f} (sampled per window)"
+    if "semdedup" in summary:
+        d = summary["semdedup"]
+        extra["semdedup"] = (
+            f"{d['clusters']} clusters (k-means on {d['train_rows']} rows), keep {d['keep']}"
+        )
     extra["threads"] = summary["threads"]
     extra["sidecars"] = out
     print_summary("mmcurate score", summary, extra)

@@ -44,6 +44,11 @@ def row_blocks(
         yield r0, r1, torch.from_numpy(as_f32(rows, slice(r0, r1))).to(dev)
 
 
+def native(a: np.ndarray) -> np.ndarray:
+    """`a` in the machine's byte order (torch refuses others), copied only when it differs."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
 def device_rows(rows: Rows, dev: torch.device, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """All rows as one tensor on `dev`, copied once block by block in their stored dtype:
     float16 stays float16 (a store's window), anything else becomes float32."""
@@ -56,6 +61,6 @@ def device_rows(rows: Rows, dev: torch.device, block: int = DEFAULT_BLOCK) -> to
     dtype = torch.float16 if first.dtype == np.float16 else torch.float32
     out = torch.empty((n, first.shape[1]), dtype=dtype, device=dev)
     for r0, r1 in blocks(n, block):
-        part = np.ascontiguousarray(np.asarray(rows[r0:r1]), dtype=first.dtype)
+        part = np.ascontiguousarray(native(np.asarray(rows[r0:r1])))
         out[r0:r1] = torch.from_numpy(part).to(device=dev, dtype=dtype)
     return out

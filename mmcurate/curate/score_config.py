@@ -9,13 +9,14 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mmcurate.curate.dedup_plan import DedupConfig, check_config
 from mmcurate.curate.precision import PRECISIONS, resolve_precision
 from mmcurate.curate.targets import cached_target
 from mmcurate.data.store import detect_keys, store_logit_scale
 from mmcurate.embed import DEFAULT_DEVICE, check_device_name
 from mmcurate.errors import UsageError
 
-METRICS = ("clipscore", "negclip", "normsim")
+METRICS = ("clipscore", "negclip", "normsim", "semdedup")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 DEFAULT_TAU = 0.01
 
@@ -39,6 +40,15 @@ class ScoreConfig:
     normsim_index: str = "flat"
     device: str = DEFAULT_DEVICE
     precision: str | None = None
+    clusters: int | None = DedupConfig.clusters
+    dedup_keep: str = DedupConfig.keep
+    dedup_train: int = DedupConfig.train
+
+    def dedup(self) -> DedupConfig:
+        """The SemDeDup settings these options give (the seed is the score seed)."""
+        return DedupConfig(
+            clusters=self.clusters, keep=self.dedup_keep, train=self.dedup_train, seed=self.seed
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,19 @@ class ScoreJob:
     device: str
     precision: str
     columns: tuple[str, ...]
+    dedup: DedupConfig | None = None
+    dedup_key: str | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        """The npz arrays a row needs, image first: a row invalid in any of them is skipped."""
+        needs_txt = "clipscore" in self.metrics or "negclip" in self.metrics
+        return [self.img_key] + ([self.txt_key] if needs_txt else [])
+
+    @property
+    def dedup_dir(self) -> Path:
+        """Where SemDeDup keeps its resumable intermediate files."""
+        return Path(self.out) / ".semdedup"
 
     def signature(self) -> dict:
         """The settings a done marker must match for its stem to count as done."""
@@ -104,6 +127,8 @@ def _check_options(store: str, out: str, config: ScoreConfig) -> None:
     if unknown:
         raise UsageError(f"unknown metric(s) {unknown}: use {', '.join(METRICS)}")
     check_device_name(config.device)
+    if "semdedup" in config.metrics:
+        check_config(config.dedup())
     if config.precision is not None and config.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if config.normsim_index not in INDEX_KINDS:
@@ -162,6 +187,8 @@ def resolve_score(store: str, out: str, config: ScoreConfig, task_device: str = 
     columns = [m for m in ("clipscore", "negclip") if m in chosen]
     if "normsim" in chosen:
         columns += [normsim_column(p) for p in parsed]
+    if "semdedup" in chosen:
+        columns.append("semdedup")
     return ScoreJob(
         store=str(store),
         out=str(out),
@@ -181,4 +208,5 @@ def resolve_score(store: str, out: str, config: ScoreConfig, task_device: str = 
         device=config.device,
         precision=task_precision(config.precision, task_device) if "negclip" in chosen else "fp32",
         columns=tuple(columns),
+        dedup=config.dedup() if "semdedup" in chosen else None,
     )

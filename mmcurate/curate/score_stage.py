@@ -14,6 +14,7 @@ Bad input (SPEC §9):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mmcurate.curate.dedup_stage import run_semdedup, semdedup_values
 from mmcurate.curate.normsim import MaxAbsIndex, estimate_recall, gram, normsim_2, normsim_p
 from mmcurate.curate.precision import resolve_precision
 from mmcurate.curate.rows import torch_device
@@ -37,6 +39,7 @@ from mmcurate.engine import Executor, report_progress, run_stage, summarise
 from mmcurate.errors import ShardError
 
 RECALL_QUERIES = 1000
+DEDUP_SUMMARY = ("clusters", "keep", "train", "train_rows", "tasks", "seconds")
 
 
 def _gram(job: ScoreJob) -> np.ndarray:
@@ -79,8 +82,7 @@ def _window_dim(dims: list[int]) -> int:
 def score_window(job: ScoreJob, item: WindowItem) -> dict:
     """Score one window and write its sidecars, then its done markers (the engine's work fn)."""
     start = time.perf_counter()
-    needs_txt = "clipscore" in job.metrics or "negclip" in job.metrics
-    keys = [job.img_key] + ([job.txt_key] if needs_txt else [])
+    keys = job.keys
     failed: dict[str, str] = {}
     stems: list[dict] = []
     for stem in item.stems:
@@ -91,6 +93,11 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
             continue
         uid_col = meta.column("uid")
         valid, skipped = valid_rows(uid_col.to_pylist(), [arrays[k] for k in keys])
+        try:
+            dedup = _semdedup(job, stem, len(valid))
+        except ShardError as exc:
+            failed[stem] = str(exc)
+            continue
         stems.append(
             {
                 "stem": stem,
@@ -100,6 +107,7 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
                 "valid": valid,
                 "skipped": skipped,
                 "read": meta.num_rows,
+                "semdedup": dedup,
             }
         )
     dim = _window_dim([s["dim"] for s in stems])
@@ -143,6 +151,8 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
         else:
             values = normsim_p(img, cached_target(job.targets, job.img_key), p, device=job.device)
         columns[normsim_column(p)] = values
+    if job.dedup:
+        columns["semdedup"] = np.concatenate([s["semdedup"] for s in stems])
     _write_window(job, item, stems, columns, img.offsets, recall, precision)
     stats: dict[str, Any] = {
         "rows": int(len(img)),
@@ -156,6 +166,16 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
     if recall is not None:
         stats["recall"] = recall
     return stats
+
+
+def _semdedup(job: ScoreJob, stem: str, rows: int) -> np.ndarray | None:
+    """The stem's semdedup values from this run's SemDeDup stage, aligned with its valid rows."""
+    if not job.dedup:
+        return None
+    values = semdedup_values(job.dedup_dir, stem, job.dedup_key or "unavailable")
+    if len(values) != rows:
+        raise ShardError(f"{stem}: {len(values)} semdedup values for {rows} valid rows")
+    return values
 
 
 def _batch_reporter(total: int):
@@ -230,6 +250,12 @@ def run_score(store: str, out: str, config: ScoreConfig, executor: Executor) -> 
     executor.check_device(config.device)
     job = resolve_score(store, out, config, executor.task_device(config.device))
     os.makedirs(job.out, exist_ok=True)
+    dedup = None
+    if job.dedup:
+        dedup = run_semdedup(
+            job.store, str(job.dedup_dir), job.keys, job.dedup, executor, device=job.device
+        )
+        job = dataclasses.replace(job, dedup_key=dedup.get("key"))
     items = window_items(job)
     outcomes, skipped = run_stage(
         executor,
@@ -265,4 +291,9 @@ def run_score(store: str, out: str, config: ScoreConfig, executor: Executor) -> 
         summary["normsim_index"] = job.normsim_index
     if recalls:
         summary["normsim_inf_recall_min"] = min(recalls)
+    if dedup:
+        for stem, reason in dedup["failed"].items():
+            summary["failed"][f"semdedup/{stem}"] = reason
+        summary["semdedup"] = {k: dedup.get(k) for k in DEDUP_SUMMARY}
+        summary["semdedup"]["stems_written"] = len(dedup["done"])
     return summary

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmcurate.curate.rows import native
 from mmcurate.curate.score_config import ScoreJob
 from mmcurate.data.store import finished_stems, read_done
 from mmcurate.errors import UsageError
@@ -113,11 +114,11 @@ class WindowRows:
 
     def tensor(self, dev: torch.device) -> torch.Tensor:
         """Every row on `dev` in the stems' dtype (float16 for a store), copied stem by stem."""
-        dtypes = {np.dtype(arr.dtype) for arr, _ in self.parts}
+        dtypes = {arr.dtype.newbyteorder("=") for arr, _ in self.parts}
         dtype = torch.float16 if dtypes == {np.dtype(np.float16)} else torch.float32
         out = torch.empty(self.shape, dtype=dtype, device=dev)
         for p, (arr, rows) in enumerate(self.parts):
             lo, hi = int(self.offsets[p]), int(self.offsets[p + 1])
             if hi > lo:
-                out[lo:hi] = torch.from_numpy(np.asarray(arr[rows])).to(device=dev, dtype=dtype)
+                out[lo:hi] = torch.from_numpy(native(arr[rows])).to(device=dev, dtype=dtype)
         return out
