@@ -100,7 +100,7 @@ def _distilled_view(run: Path) -> dict | None:
 
 def _retrieval(run: Path) -> dict:
     out = {}
-    for name in ("distilled", "random", "full"):
+    for name in ("distilled", "mtt", "random", "full"):
         path = run / "evaluate" / f"{name}.json"
         if path.is_file():
             entry = json.loads(path.read_text())

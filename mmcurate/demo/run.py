@@ -4,7 +4,8 @@
    separate clean split; both are kept and reused when the seed and sizes match.
 2. Run `mmcurate pipeline` on a generated config: embed with the teacher, score (clipscore,
    negclip at the teacher's τ, normsim_inf against the target), select negclip:0.3 then
-   normsim_inf:0.2, reshard, buffer, distill (`tiny` preset), evaluate.
+   normsim_inf:0.2, reshard, buffer, distill (`tiny` preset), evaluate against three baselines
+   at the same budget: MTT (S fixed to I, cross-entropy), random real pairs and the full subset.
 3. Measure everything against the ground truth and write report.html, PNGs and summary.json.
 """
 
@@ -154,7 +155,7 @@ def pipeline_config(root: Path, data: dict, plan: DemoPlan, seed: int) -> dict[s
             "test": data["test"],
             "num_eval": plan.num_eval,
             "epochs": plan.eval_epochs,
-            "baselines": ["random", "full"],
+            "baselines": ["mtt", "random", "full"],
         },
     }
 
@@ -228,7 +229,9 @@ def run_demo(
         "selection": " then ".join(KEEP),
         "distill": f"tiny preset, N = {plan.pairs}, {plan.iterations} iterations; buffers of "
         f"{plan.experts} experts × {plan.epochs} epochs, batch {plan.buffer_batch}",
-        "evaluate": f"{plan.num_eval} students × {plan.eval_epochs} epochs each",
+        "evaluate": f"{plan.num_eval} students × {plan.eval_epochs} epochs each, last epoch; "
+        "MTT = the same distillation with S fixed to I and cross-entropy; random = a new draw of "
+        "real pairs for each student",
         "pipeline seconds": f"{pipeline_seconds:.1f}",
     }
     seconds = round(time.perf_counter() - began, 1)
