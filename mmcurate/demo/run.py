@@ -142,6 +142,9 @@ def pipeline_config(root: Path, data: dict, plan: DemoPlan, seed: int) -> dict[s
             "epochs": plan.epochs,
             "batch_size": plan.buffer_batch,
             "image_size": plan.sizes.image_size,
+            # plain experts: at 32 px the reference's crops and RandAugment leave the tiny
+            # preset's margin over random pairs within noise (benchmarks/bench_lors_margin.py)
+            "augment": False,
             **STUDENT,
         },
         "distill": {
