@@ -98,9 +98,8 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         make_buffers(train, Path(tmp) / "buf", buffer, LocalExecutor(1, 1), device="cpu")
         buffers = load_buffers(Path(tmp) / "buf")
-        config = resolve_config(
-            "tiny", pairs=20, mini_batch=10, iterations=300, seed=seed, **overrides(args.set)
-        )
+        demo = {"pairs": 20, "mini_batch": 10, "iterations": 300, "seed": seed}
+        config = resolve_config("tiny", **{**demo, **overrides(args.set)})
         art = distill(train, buffers, config, progress=False)
         mtt = mtt_artifact(art, train, buffers, progress=False)
     ev = EvalConfig(num_eval=3, epochs=100, seed=seed)
