@@ -31,6 +31,10 @@ class LogBar(tqdm):
         self.fp.flush()
         return True
 
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        """Update the postfix; it shows in the next line written, never in a line of its own."""
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
     def clear(self, nolock: bool = False) -> None:
         """Nothing to clear in a log."""
 

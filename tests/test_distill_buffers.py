@@ -123,3 +123,40 @@ def test_truncated_buffer_file_is_refused(serial, tmp_path):
     (tmp_path / "expert_000.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(UsageError, match="corrupt buffer file"):
         load_buffers(tmp_path)
+
+
+def test_protocol_is_recorded_and_checked(serial, shards, tmp_path):
+    out, _ = serial
+    manifest = json.loads((out / "buffers.json").read_text())
+    assert (manifest["augment"], manifest["normalize"], manifest["resize"]) == (
+        True,
+        "clip",
+        "squash",
+    )
+    with pytest.raises(UsageError, match="made with augment=True, not False"):
+        make_buffers(shards, out, replace(CONFIG, augment=False), LocalExecutor(1, 1))
+    with pytest.raises(UsageError, match="normalize='clip', not 'imagenet'"):
+        make_buffers(shards, out, replace(CONFIG, normalize="imagenet"), LocalExecutor(1, 1))
+    with pytest.raises(UsageError, match="made for image normalisation 'clip', not 'imagenet'"):
+        load_buffers(out, {"normalize": "imagenet"})
+    with pytest.raises(UsageError, match="--batch-size 64 exceeds the 60 real pairs"):
+        make_buffers(shards, tmp_path / "big", replace(CONFIG, batch_size=64), LocalExecutor(1, 1))
+    with pytest.raises(UsageError, match="unknown normalisation 'nope'"):
+        replace(CONFIG, normalize="nope").check()
+
+
+def test_format_1_buffers_load_with_the_protocol_they_were_made_with(serial, tmp_path):
+    """Buffers written before the protocol was recorded used ImageNet mean/std, no augmentation
+    and the shorter-side crop."""
+    out, _ = serial
+    data = torch.load(expert_path(out, 0), weights_only=True)
+    meta = {k: v for k, v in data["meta"].items() if k not in ("augment", "normalize", "resize")}
+    meta.pop("protocol")
+    meta["version"] = 1
+    torch.save({**data, "meta": meta}, tmp_path / "expert_000.pt")
+    old = load_buffers(tmp_path)
+    assert (old.meta["augment"], old.meta["normalize"], old.meta["resize"]) == (
+        False,
+        "imagenet",
+        "crop",
+    )

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,6 +14,8 @@ from PIL import Image
 
 from mmcurate.cli.main import cli
 from mmcurate.demo.corpus import generate_corpus
+from mmcurate.distill.data import load_pairs
+from mmcurate.distill.evaluate import EvalConfig, artifact_set, evaluate_small_set
 
 TEXT = "hf-text:mmc-tiny-bert"
 FAST = ["--preset", "tiny", "--pairs", "6", "--mini-batch", "3", "--syn-steps", "3"]
@@ -35,6 +38,16 @@ def root(tmp_path_factory):
     assert "buffer (experts): 2 done, 0 already done (skipped), 0 failed" in result.output
     assert json.loads((root / "buf.json").read_text())["done"] == ["expert_000", "expert_001"]
     return root
+
+
+def _load(art):
+    cfg = art["config"]
+    return {
+        "image_size": cfg["image_size"],
+        "text_encoder": cfg["text_encoder"],
+        "cache_dir": cfg["buffers"] + "/cache",
+        "resize": cfg["resize"],
+    }
 
 
 def _distill(root, out, *extra):
@@ -69,17 +82,33 @@ def test_artifact_format_export_and_evaluate(root):
     assert Image.open(root / "ex" / "images" / "005.png").size == (16, 16)
     captions = json.loads((root / "ex" / "captions.json").read_text())
     assert [c["init_uid"] for c in captions] == uids
-    assert all(c["caption"] and -1 <= c["cosine"] <= 1 for c in captions)
+    train = load_pairs(str(root / "train"), **_load(art))
+    for c, text in zip(captions, art["texts"], strict=True):
+        row = train.captions.index(c["caption"])
+        cosine = torch.nn.functional.cosine_similarity(text, train.texts[row], dim=0)
+        assert c["cosine"] == pytest.approx(float(cosine), abs=1e-4)
 
     common = ["--test", str(root / "test"), "--num-eval", "2", "--epochs", "3", "--device", "cpu"]
-    for extra in ([], ["--baseline", "random"], ["--baseline", "mtt"]):
+    test = load_pairs(str(root / "test"), **_load(art))
+    for extra in ([], ["--baseline", "random"], ["--baseline", "mtt"], ["--protocol", "paper"]):
         js = root / f"eval{len(extra)}{extra[-1] if extra else ''}.json"
         result = CliRunner().invoke(cli, ["evaluate", str(out), *common, *extra, "--json", str(js)])
         assert result.exit_code == 0, result.output
         assert "mean R@K" in result.output and "20 test images / 20 captions" in result.output
         summary = json.loads(js.read_text())
-        assert set(summary) == {"IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10"}
-        assert all(set(v) == {"mean", "std"} and 0 <= v["mean"] <= 100 for v in summary.values())
+        keys = {"IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10"}
+        assert set(summary) == (keys | {"best_on_test"} if "paper" in extra else keys)
+        if extra in ([], ["--protocol", "paper"]):
+            protocol = extra[-1] if extra else "last"
+            cfg = EvalConfig(num_eval=2, epochs=3, protocol=protocol)
+            expected = evaluate_small_set(artifact_set(art), test, cfg, progress=False)
+            for k in keys:
+                assert summary[k] == pytest.approx(expected["summary"][k]), k
+    paper = json.loads((root / "eval2paper.json").read_text())
+    assert "SELECTED ON THE TEST DATA" in result.output
+    best = paper["best_on_test"]
+    assert set(best) == keys and all(set(v) == {"mean", "std"} for v in best.values())
+    assert np.mean([best[k]["mean"] for k in keys]) >= np.mean([paper[k]["mean"] for k in keys])
     mtt = torch.load(root / "syn.mtt6.pt", weights_only=True)
     assert mtt["config"]["method"] == "mtt" and mtt["config"]["loss"] == "ce"
     assert torch.equal(mtt["similarity"]["a"], torch.ones(6))
@@ -106,9 +135,11 @@ def test_resume_continues_exactly(root, tmp_path):
 
 def test_full_matching_and_full_similarity_matrix(root, tmp_path):
     out = tmp_path / "full.pt"
-    result = _distill(root, out, "--iterations", "2", "--matching", "full", "--rank", "full")
+    args = ["--iterations", "2", "--matching", "full", "--rank", "full", "--merge-loss-branches"]
+    result = _distill(root, out, *args)
     assert result.exit_code == 0, result.output
     art = torch.load(out, weights_only=True)
+    assert art["config"]["merge_loss_branches"] is True
     sim = art["similarity"]
     assert art["config"]["matching"] == "full" and art["config"]["rank"] == "full"
     assert sim["rank"] == 6 and sim["alpha"] == 6.0 and torch.equal(sim["R"], torch.eye(6))
@@ -150,6 +181,38 @@ def test_bad_input_gets_one_line(root, tmp_path):
         _distill(root, tmp_path / "x.pt", "--max-start-epoch", "5"),
         "exceeds the 3 epochs of the buffers",
     )
+    _one_line_error(
+        _distill(root, tmp_path / "x.pt", "--max-start-epoch", "0"),
+        "--max-start-epoch must be >= 1",
+    )
+    _one_line_error(
+        _distill(root, tmp_path / "x.pt", "--temperature", "0"), "--temperature must be > 0"
+    )
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_buffers_of_another_normalisation_are_refused(root, tmp_path):
+    """Buffers trained on ImageNet-normalised images, distilled on CLIP-normalised data."""
+    made = CliRunner().invoke(
+        cli,
+        ["buffer", str(root / "train"), "--out", str(tmp_path / "inet"), "--experts", "1"]
+        + ["--epochs", "2", "--batch-size", "16", "--image-encoder", "convnet-w8-d2"]
+        + ["--text-encoder", TEXT, "--image-size", "16", "--device", "cpu"]
+        + ["--normalize", "imagenet", "--no-augment"],
+    )
+    assert made.exit_code == 0, made.output
+    assert "imagenet mean/std, squash resize, full batches only" in made.output
+    args = [
+        str(root / "train"),
+        "--buffers",
+        str(tmp_path / "inet"),
+        "--out",
+        str(tmp_path / "x.pt"),
+    ]
+    result = CliRunner().invoke(cli, ["distill", *args, *FAST, "--normalize", "clip"])
+    _one_line_error(result, "were made for image normalisation 'imagenet', not 'clip'")
+    result = CliRunner().invoke(cli, ["distill", *args, *FAST, "--resize", "crop"])
+    _one_line_error(result, "were made for resize mode 'squash', not 'crop'")
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -161,5 +224,24 @@ def test_negative_learned_step_size_stops_with_the_remedy(root, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, result.output
     assert re.search(r"learned step size lr_(img|txt) became -?\d", errors[0]), errors[0]
-    assert "lower --lr-lr (now 10000)" in errors[0]
+    assert "lower --lr-lr (now 10000)" in errors[0] and "--eta-param log" in errors[0]
     assert not out.exists()
+
+
+def test_log_step_sizes_run_where_linear_ones_stop_at_iteration_0(root, tmp_path):
+    """flickr-100's rates on tiny students: the linear η goes negative at once; learned in log
+    space η stays positive (with the X, Y, S rates warmed up, the run finishes)."""
+    args = [str(root / "train"), "--buffers", str(root / "buf"), "--preset", "flickr-100"]
+    args += ["--pairs", "20", "--iterations", "30", "--save-every", "0", "--device", "cpu"]
+    linear = CliRunner().invoke(cli, ["distill", *args, "--out", str(tmp_path / "a.pt")])
+    assert linear.exit_code == 1 and "at iteration 0" in linear.output, linear.output
+    logged = CliRunner().invoke(
+        cli,
+        ["distill", *args, "--out", str(tmp_path / "b.pt"), "--eta-param", "log"]
+        + ["--warmup", "300"],
+    )
+    assert logged.exit_code == 0, logged.output
+    art = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert art["config"]["eta_param"] == "log" and art["lr_img"] > 0 and art["lr_txt"] > 0
+    ckpt = torch.load(tmp_path / "b.ckpt.pt", weights_only=True)
+    assert float(ckpt["eta_img"].exp()) == pytest.approx(art["lr_img"], rel=1e-6)

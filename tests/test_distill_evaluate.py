@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from mmcurate.distill.augment import CLIP_MEAN, CLIP_STD
 from mmcurate.distill.buffers import derive_seed
 from mmcurate.distill.data import PairSet
-from mmcurate.distill.distiller import pick_init_pairs
 from mmcurate.distill.evaluate import (
     EvalConfig,
     SmallSet,
@@ -17,17 +17,20 @@ from mmcurate.distill.evaluate import (
     train_student,
 )
 from mmcurate.distill.losses import wbce
-from mmcurate.distill.students import IMAGE_MEAN, IMAGE_STD, build_student, normalize_images
+from mmcurate.distill.sampling import pick_init_pairs
+from mmcurate.distill.students import build_student, normalize_images
 from mmcurate.errors import MmcurateError, UsageError
 from mmcurate.metrics import retrieval_recall
+from mmcurate.metrics.retrieval import mean_recall
 
 ARCH = {
     "image_encoder": "convnet-w8-d2",
     "text_encoder": "hf-text:mmc-tiny-bert",
     "image_size": 16,
     "text_dim": 12,
-    "mean": list(IMAGE_MEAN),
-    "std": list(IMAGE_STD),
+    "mean": list(CLIP_MEAN),
+    "std": list(CLIP_STD),
+    "resize": "squash",
 }
 
 
@@ -57,8 +60,10 @@ def _test_pairs(seed=1, n_images=10):
     )
 
 
-def _manual_training(student, small, cfg, seed):
+def _manual_training(student, small, cfg, seed, epochs=None, decay=None, after_epoch=None):
     """An independent loop: SGD with momentum and weight decay written out by hand."""
+    epochs = cfg.epochs if epochs is None else epochs
+    decay = cfg.epochs // 2 if decay is None else decay
     groups = [(list(student.image.parameters()), small.lr_img)]
     groups.append((list(student.text.parameters()), small.lr_txt))
     velocity = {id(p): None for params, _ in groups for p in params}
@@ -66,8 +71,8 @@ def _manual_training(student, small, cfg, seed):
     student.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, 2))
-        for epoch in range(cfg.epochs):
-            scale = 0.1 if epoch >= cfg.epochs // 2 else 1.0
+        for epoch in range(epochs):
+            scale = 0.1 if epoch >= decay else 1.0
             perm = torch.randperm(small.images.shape[0], generator=order)
             for b in torch.split(perm, cfg.batch_size):
                 loss = wbce(student(small.images[b], small.texts[b]), small.similarity[b][:, b])
@@ -81,7 +86,18 @@ def _manual_training(student, small, cfg, seed):
                             v = d.clone() if v is None else cfg.momentum * v + d
                             velocity[id(p)] = v
                             p -= lr * scale * v
+            if after_epoch is not None:
+                after_epoch(epoch)
+                student.train()
     return student
+
+
+def _hand_recall(student, test):
+    student.eval()
+    with torch.no_grad():
+        img = student.image(normalize_images(torch.from_numpy(test.images), CLIP_MEAN, CLIP_STD))
+        txt = student.text(test.texts)
+    return retrieval_recall(img, txt, test.image_index)
 
 
 def test_published_schedule_and_last_epoch_figures():
@@ -95,15 +111,38 @@ def test_published_schedule_and_last_epoch_figures():
         hand = _manual_training(build_student("convnet-w8-d2", 12, 16, seed), small, cfg, seed)
         for a, b in zip(ours.parameters(), hand.parameters(), strict=True):
             assert torch.allclose(a, b, atol=1e-5)
-        hand.eval()
-        with torch.no_grad():
-            img = hand.image(normalize_images(torch.from_numpy(test.images)))
-            txt = hand.text(test.texts)
-        expected = retrieval_recall(img, txt, test.image_index)
-        assert result["runs"][k] == pytest.approx(expected)
+        assert result["runs"][k] == pytest.approx(_hand_recall(hand, test))
     for key, value in result["summary"].items():
         runs = [r[key] for r in result["runs"]]
         assert value == pytest.approx({"mean": np.mean(runs), "std": np.std(runs)})
+    assert "best_on_test" not in result
+
+
+def test_paper_protocol_keeps_the_best_test_checkpoint_apart():
+    """The reference's schedule: epochs + 1 epochs, decay from epochs//2 + 1, the test split
+    scored after epochs 0, epochs//10, …, epochs; the best mean R@K per student."""
+    small, test = _small(seed=4), _test_pairs(seed=5)
+    cfg = EvalConfig(num_eval=2, epochs=20, batch_size=4, seed=9, protocol="paper")
+    result = evaluate_small_set(small, test, cfg, progress=False)
+    for k in range(2):
+        seed = derive_seed(9, 1000 + k)
+        hand = build_student("convnet-w8-d2", 12, 16, seed)
+        scored = {}
+
+        def after(epoch, hand=hand, scored=scored):
+            if epoch in (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20):
+                scored[epoch] = _hand_recall(hand, test)
+
+        _manual_training(hand, small, cfg, seed, epochs=21, decay=11, after_epoch=after)
+        assert sorted(scored) == list(range(0, 21, 2))
+        assert result["runs"][k] == pytest.approx(scored[20])
+        best = max(scored.values(), key=mean_recall)
+        assert result["best_on_test"]["runs"][k] == pytest.approx(best)
+        assert mean_recall(best) >= mean_recall(result["runs"][k])
+    best_runs = result["best_on_test"]["runs"]
+    assert result["best_on_test"]["mean_recall"] == pytest.approx(
+        np.mean([mean_recall(r) for r in best_runs])
+    )
 
 
 def test_bad_evaluation_inputs():
@@ -118,16 +157,23 @@ def test_bad_evaluation_inputs():
         EvalConfig(momentum=1.5).check()
 
 
-def test_random_baseline_set():
-    train = _test_pairs(seed=3, n_images=12)
+def test_random_baseline_draws_a_new_subset_per_student_apart_from_the_init():
+    train = _test_pairs(seed=3, n_images=40)
     art = {"config": {**ARCH, "expert_lr": 0.1}}
-    chosen = pick_init_pairs(train, 5, seed=2)
-    assert len(set(train.image_index[chosen].tolist())) == 5
-    assert np.array_equal(chosen, pick_init_pairs(train, 5, seed=2))
-    small = random_set(art, train, 5, seed=2)
-    assert torch.equal(small.similarity, torch.eye(5)) and small.loss == "ce"
-    assert small.lr_img == small.lr_txt == 0.1
-    assert torch.equal(small.texts, train.texts[torch.from_numpy(chosen)])
-    assert torch.equal(small.images, normalize_images(train.pixels(chosen)))
-    with pytest.raises(UsageError, match="fewer than N = 13"):
-        pick_init_pairs(train, 13, seed=0)
+    init = {
+        tuple(pick_init_pairs(train, 5, seed=2, mode=m).tolist()) for m in ("random", "distinct")
+    }
+    subsets = []
+    for k in range(4):
+        small = random_set(art, train, 5, seed=2, k=k)
+        assert torch.equal(small.similarity, torch.eye(5)) and small.loss == "ce"
+        assert small.lr_img == small.lr_txt == 0.1
+        rows = [int(np.flatnonzero((train.texts == t).all(1))[0]) for t in small.texts]
+        assert len(set(train.image_index[rows].tolist())) == 5
+        assert torch.equal(small.images, normalize_images(train.pixels(rows), CLIP_MEAN, CLIP_STD))
+        subsets.append(tuple(rows))
+    assert len(set(subsets)) == 4 and not set(subsets) & init
+    again = random_set(art, train, 5, seed=2, k=1)
+    assert torch.equal(again.texts, random_set(art, train, 5, seed=2, k=1).texts)
+    with pytest.raises(UsageError, match="fewer than N = 41"):
+        pick_init_pairs(train, 41, seed=0)

@@ -141,7 +141,11 @@ def _synthetic_report(rng: np.random.Generator) -> dict:
             "images": rng.integers(0, 255, (7, 8, 8, 3), dtype=np.uint8),
             "captions": [(f"caption <{i}>", 0.5) for i in range(7)],
         },
-        "retrieval": {"distilled": {**entry, "pairs": 7}, "random": {**entry, "pairs": 7}},
+        "retrieval": {
+            "distilled": {**entry, "pairs": 7},
+            "mtt": {**{k: {"mean": 10.0 + i, "std": 0.5} for i, k in enumerate(entry)}, "pairs": 7},
+            "random": {**entry, "pairs": 7},
+        },
         "overlap": {"clipscore vs negclip": overlap(["a", "b"], ["b", "c"])},
         "details": {"seed": 0},
     }
@@ -185,3 +189,7 @@ def test_analysis_figures_match_direct_computation():
     )
     table = terminal_table({"auroc": a["auroc"], "retrieval": report["retrieval"], "tau": 0.07})
     assert "clipscore" in table and "negclip" in table and "distilled (7 pairs)" in table
+    mtt = [line for line in table.splitlines() if "MTT (S = I, CE) (7 pairs)" in line]
+    assert len(mtt) == 1 and mtt[0].split()[-7:] == [
+        "10.0", "11.0", "12.0", "13.0", "14.0", "15.0", "12.5"
+    ]  # fmt: skip

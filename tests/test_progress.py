@@ -19,6 +19,17 @@ def test_a_log_gets_a_start_and_an_end_line_when_updates_come_fast():
     assert "pair/s" in lines[1]
 
 
+def test_a_postfix_set_every_step_adds_no_lines_and_shows_at_the_end():
+    out = io.StringIO()
+    bar = progress_bar(range(300), desc="distill", unit="it", file=out)
+    for i in bar:
+        bar.set_postfix(loss=f"{1 / (i + 1):.4f}")
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, lines[:5]
+    assert lines[-1].startswith("distill: 300/300 it [") and "loss=0.0033" in lines[-1]
+
+
 def test_a_log_gets_a_line_per_interval(monkeypatch):
     monkeypatch.setattr(progress, "LOG_INTERVAL", 0.0)
     out = io.StringIO()

@@ -103,3 +103,26 @@ def target_relevance(
 def recall_mean(entry: Mapping[str, Any]) -> float:
     """Mean of the six R@K of one retrieval entry ({"IR@1": {"mean": ..}, ...})."""
     return float(np.mean([entry[k]["mean"] for k in RECALL_KEYS]))
+
+
+def redundant_copies(quality: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each duplicate group's copies but the one `quality` ranks best: what a deduplication
+    should drop. Which copy stays is arbitrary, so each metric keeps its own best."""
+    quality, groups = np.asarray(quality, dtype=np.float64), np.asarray(groups)
+    extra = groups >= 0
+    for group in np.unique(groups[extra]):
+        members = np.flatnonzero(groups == group)
+        extra[members[np.argmax(quality[members])]] = False
+    return extra
+
+
+def duplicate_aurocs(quality: np.ndarray, faults: np.ndarray, groups: np.ndarray) -> dict:
+    """AUROC of telling duplicates from clean pairs by low quality: over every copy, and over
+    the redundant copies only (a perfect deduplication scores 1.0 on the second)."""
+    quality, faults = np.asarray(quality, dtype=np.float64), np.asarray(faults)
+    clean, copies = faults == "clean", faults == "duplicate"
+    extra = redundant_copies(quality, groups)
+    return {
+        "all_copies": detection_auroc(quality[copies | clean], copies[copies | clean]),
+        "redundant_copies": detection_auroc(quality[extra | clean], extra[extra | clean]),
+    }

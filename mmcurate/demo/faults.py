@@ -8,7 +8,9 @@ Splits (all procedural, from `mmcurate.demo.corpus`):
   - `clean`: a correct caption of a common-colour concept;
   - `misaligned`: the caption of another, random concept;
   - `generic`: a caption that fits any image ("a picture");
-  - `duplicate`: a group of near-copies (re-rendered with new jitter and noise) of one concept;
+  - `duplicate`: a group of copies of one image and caption, re-posted under other uids and
+    URLs (the commonest web duplicate; a re-render of the same concept would be no more alike
+    than two clean pairs of that concept, which no embedding could single out);
   - `rare`: a correct, specific caption of the rare colour (good data CLIPScore may under-rate).
 - `target`: images of the downstream task (blue objects only), for NormSim.
 - `test`: held-out clean pairs for retrieval.
@@ -190,6 +192,7 @@ def write_pool(out_dir: Path, sizes: DemoSizes, seed: int) -> list[dict]:
     rng = np.random.default_rng([seed, 3])
     records = make_pool_records(sizes, seed)
     truth = []
+    group_images: dict[int, np.ndarray] = {}
     for s, rows in enumerate(_shard_slices(len(records), sizes.pool_shards)):
         samples = []
         for i in rows:
@@ -198,6 +201,8 @@ def write_pool(out_dir: Path, sizes: DemoSizes, seed: int) -> list[dict]:
             row = _ground_truth_row(uid, i, record)
             truth.append(row)
             image = render(record["concept"], rng, sizes.image_size)
+            if row["dup_group"] >= 0:
+                image = group_images.setdefault(row["dup_group"], image)
             meta = {
                 "uid": uid,
                 "url": f"synthetic://pool/{i}",

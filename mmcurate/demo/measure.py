@@ -13,7 +13,7 @@ from mmcurate.curate.select import SelectConfig, select
 from mmcurate.data.store import finished_stems, read_stem
 from mmcurate.data.subset import load_subset
 from mmcurate.data.uid import member_mask, uid_pairs
-from mmcurate.demo.analysis import analyse, fault_aurocs, noise_mask
+from mmcurate.demo.analysis import analyse, duplicate_aurocs, fault_aurocs, noise_mask
 from mmcurate.distill.artifact import load_artifact
 from mmcurate.distill.students import denormalize_images
 from mmcurate.errors import UsageError
@@ -21,7 +21,8 @@ from mmcurate.metrics.auroc import detection_auroc
 from mmcurate.metrics.overlap import overlap
 
 TAU_SWEEP = (0.01, None, 0.1, 1.0)
-KEEP = ("negclip:0.3", "normsim_inf:0.2")
+DEDUP_RULE = "semdedup<=0.999"  # distinct clean renders of one concept reach cosine 0.998 here
+KEEP = ("negclip:0.3", DEDUP_RULE, "normsim_inf:0.2")
 
 
 def _pool_table(run: Path, truth: dict) -> dict[str, np.ndarray]:
@@ -37,9 +38,10 @@ def _pool_table(run: Path, truth: dict) -> dict[str, np.ndarray]:
         "uid": np.array(uids),
         "fault": np.array([r["fault"] for r in rows]),
         "relevant": np.array([r["target_relevant"] for r in rows], dtype=bool),
+        "dup_group": np.array([r["dup_group"] for r in rows]),
         **{
             name: scores.column(name).to_numpy().astype(np.float64)
-            for name in ("clipscore", "negclip", "normsim_inf")
+            for name in ("clipscore", "negclip", "normsim_inf", "semdedup")
         },
     }
 
@@ -52,6 +54,34 @@ def _member(uids: np.ndarray, subset: np.ndarray) -> np.ndarray:
 def _subset_after(scores_dir: Path, rules: list[str]) -> np.ndarray:
     subset, _ = select(str(scores_dir), SelectConfig(keep=tuple(rules)), progress=False)
     return subset
+
+
+def duplicate_figures(run: Path, table: dict, selected: np.ndarray) -> dict:
+    """How each metric finds the injected duplicates, and how many the selection keeps with
+    and without the dedup rule (semdedup's quality is its negation: unique is good)."""
+    quality = {
+        "clipscore": table["clipscore"],
+        "negclip": table["negclip"],
+        "semdedup": -table["semdedup"],
+    }
+    rules = [r for r in KEEP if r != DEDUP_RULE]
+    without = _member(table["uid"], _subset_after(run / "score", rules))
+    dedup_only = _member(table["uid"], _subset_after(run / "score", [DEDUP_RULE]))
+    faults = table["fault"]
+    is_dup = faults == "duplicate"
+    return {
+        "rule": DEDUP_RULE,
+        "auroc": {k: duplicate_aurocs(q, faults, table["dup_group"]) for k, q in quality.items()},
+        "injected": int(is_dup.sum()),
+        "groups": int(len(np.unique(table["dup_group"][is_dup]))),
+        "kept_without_dedup": int((without & is_dup).sum()),
+        "kept_with_dedup": int((selected & is_dup).sum()),
+        "dedup_rule_alone": {
+            "duplicates_kept": int((dedup_only & is_dup).sum()),
+            "clean_dropped": int((~dedup_only & (faults == "clean")).sum()),
+            "clean": int((faults == "clean").sum()),
+        },
+    }
 
 
 def tau_sweep(run: Path, table: dict, teacher_tau: float, batch: int, k: int, seed: int) -> list:
@@ -100,7 +130,7 @@ def _distilled_view(run: Path) -> dict | None:
 
 def _retrieval(run: Path) -> dict:
     out = {}
-    for name in ("distilled", "random", "full"):
+    for name in ("distilled", "mtt", "random", "full"):
         path = run / "evaluate" / f"{name}.json"
         if path.is_file():
             entry = json.loads(path.read_text())
@@ -134,6 +164,7 @@ def measure(
         },
     )
     sweep = tau_sweep(run, table, tau, *negclip, seed)
+    duplicates = duplicate_figures(run, table, selected)
     return {
         "table": table,
         "analysis": analysis,
@@ -143,6 +174,7 @@ def measure(
             "negclip:0.3 vs clipscore:0.3": overlap(after_negclip, by_clipscore),
             "final subset vs negclip:0.3": overlap(final, after_negclip),
         },
+        "duplicates": duplicates,
         "distilled": _distilled_view(run),
         "retrieval": _retrieval(run),
     }

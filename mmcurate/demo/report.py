@@ -20,6 +20,20 @@ from mmcurate.data.atomic import write_bytes_atomic
 from mmcurate.demo.analysis import FAULT_COLOURS, FAULT_ORDER, recall_mean
 from mmcurate.metrics.retrieval import RECALL_KEYS
 
+SET_LABELS = {
+    "distilled": "LoRS distilled",
+    "mtt": "MTT (S = I, CE)",
+    "random": "random real",
+    "full": "full subset",
+}
+
+
+def set_label(name: str, entry: Mapping[str, Any]) -> str:
+    """How a retrieval row is named: what the students trained on, and its size."""
+    label = SET_LABELS.get(name, name)
+    return f"{label} ({entry['pairs']} pairs)" if "pairs" in entry else label
+
+
 # ----------------------------------------------------------------------------- terminal
 
 
@@ -35,11 +49,10 @@ def terminal_table(summary: Mapping[str, Any]) -> str:
         lines.append("")
         head = "".join(f"{k:>8}" for k in RECALL_KEYS) + f"{'mean':>8}"
         lines.append(f"retrieval on the test split (%, mean over students){'':<2}")
-        lines.append(f"  {'trained on':<22}{head}")
+        lines.append(f"  {'trained on':<30}{head}")
         for name, entry in retrieval.items():
-            label = f"{name} ({entry['pairs']} pairs)" if "pairs" in entry else name
             cells = "".join(f"{entry[k]['mean']:8.1f}" for k in RECALL_KEYS)
-            lines.append(f"  {label:<22}{cells}{recall_mean(entry):8.1f}")
+            lines.append(f"  {set_label(name, entry):<30}{cells}{recall_mean(entry):8.1f}")
     return "\n".join(lines)
 
 
@@ -182,7 +195,7 @@ def plot_retrieval(retrieval: Mapping[str, Any], path: Path) -> None:
     for i, name in enumerate(names):
         means = [retrieval[name][k]["mean"] for k in RECALL_KEYS]
         stds = [retrieval[name][k].get("std", 0.0) for k in RECALL_KEYS]
-        ax.bar(x + i * width, means, width, yerr=stds, label=name, capsize=2)
+        ax.bar(x + i * width, means, width, yerr=stds, label=SET_LABELS.get(name, name), capsize=2)
     ax.set_xticks(x + width * (len(names) - 1) / 2, RECALL_KEYS)
     ax.set_ylabel("recall (%)")
     ax.legend(fontsize=8)
@@ -254,6 +267,8 @@ def render_html(report: Mapping[str, Any]) -> str:
             [[f"{sel['kept']} / {sel['pool']}", *[sel["kept_by_fault"][f] for f in FAULT_ORDER]]],
         )
     )
+    if report.get("duplicates"):
+        parts += _duplicates_section(report["duplicates"])
     sweep = report.get("tau_sweep") or []
     if sweep:
         parts.append("<h2>negclip temperature sweep</h2><img src='tau_sweep.png' alt='tau'>")
@@ -318,14 +333,48 @@ def render_html(report: Mapping[str, Any]) -> str:
             cells = [
                 f"{entry[k]['mean']:.1f} ± {entry[k].get('std', 0.0):.1f}" for k in RECALL_KEYS
             ]
-            rows.append([name, entry.get("pairs", ""), *cells, f"{recall_mean(entry):.1f}"])
+            label = SET_LABELS.get(name, name)
+            rows.append([label, entry.get("pairs", ""), *cells, f"{recall_mean(entry):.1f}"])
         parts.append(_table(["trained on", "pairs", *RECALL_KEYS, "mean"], rows))
+        parts.append(
+            "<p class='note'>Figures after the last epoch (nothing selected on test data); ± is "
+            "the std over evaluation students. MTT is the same distillation with S fixed to I and "
+            "cross-entropy, so LoRS − MTT is what the learned similarity adds; each random "
+            "student trains on its own draw of real pairs.</p>"
+        )
     details = report.get("details")
     if details:
         parts.append("<h2>Run</h2>")
         parts.append(_table(["", "value"], [[k, v] for k, v in details.items()]))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _duplicates_section(d: Mapping[str, Any]) -> list[str]:
+    """Duplicate detection per metric, and the duplicates kept with and without dedup."""
+    alone = d["dedup_rule_alone"]
+    return [
+        "<h2>Duplicates</h2>",
+        f"<p>{d['injected']} injected duplicates: {d['groups']} groups of copies of one image "
+        "and caption under other uids. Any deduplication keeps one copy per group, so the "
+        "redundant copies are each group's copies but the one the metric ranks best.</p>",
+        _table(
+            ["metric", "AUROC, every copy vs clean", "AUROC, redundant copies vs clean"],
+            [[k, v["all_copies"], v["redundant_copies"]] for k, v in d["auroc"].items()],
+        ),
+        _table(
+            ["duplicates kept by the selection", "count"],
+            [
+                ["without the dedup rule", d["kept_without_dedup"]],
+                [f"with {d['rule']}", d["kept_with_dedup"]],
+                [f"{d['rule']} alone", alone["duplicates_kept"]],
+                [
+                    f"clean pairs {d['rule']} alone drops",
+                    f"{alone['clean_dropped']} of {alone['clean']}",
+                ],
+            ],
+        ),
+    ]
 
 
 def render_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:

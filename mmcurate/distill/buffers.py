@@ -19,28 +19,31 @@ import torch
 
 from mmcurate.data.atomic import torch_save_atomic, write_json_atomic
 from mmcurate.data.store import read_done
+from mmcurate.distill.augment import (
+    ExpertAugment,
+    check_resize,
+    normalization,
+    protocol_meta,
+)
 from mmcurate.distill.data import PairSet, from_cache, memory_stem, prepare_pairs, save_pairs
 from mmcurate.distill.losses import symmetric_ce
 from mmcurate.distill.sources import absolute_data
-from mmcurate.distill.students import (
-    IMAGE_MEAN,
-    IMAGE_STD,
-    build_student,
-    canonical_image_encoder,
-    normalize_images,
-)
+from mmcurate.distill.students import build_student, canonical_image_encoder, normalize_images
 from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import ShardError, UsageError
 
 MANIFEST = "buffers.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the image protocol (augment, normalize, resize, drop_last) is recorded
 ARCH_KEYS = ("image_encoder", "text_encoder", "image_size")
+PROTOCOL_KEYS = ("augment", "normalize", "resize")
+LEGACY_PROTOCOL = {"augment": False, "normalize": "imagenet", "resize": "crop"}
 
 
 @dataclass(frozen=True)
 class BufferConfig:
-    """Settings of `mmcurate buffer` (published: 20 experts × 10 epochs, SGD lr 0.1, batch 128)."""
+    """Settings of `mmcurate buffer` (published: 20 experts × 10 epochs, SGD lr 0.1, batch 128,
+    the reference's augmentation, CLIP mean/std, squash resize, drop_last)."""
 
     experts: int = 20
     epochs: int = 10
@@ -49,6 +52,9 @@ class BufferConfig:
     image_encoder: str = "nfnet_l0"
     text_encoder: str = "hf-text:bert-base-uncased"
     image_size: int = 224
+    augment: bool = True
+    normalize: str = "clip"
+    resize: str = "squash"
     seed: int = 0
 
     def check(self) -> BufferConfig:
@@ -59,6 +65,8 @@ class BufferConfig:
             raise UsageError(f"--lr must be > 0, got {self.lr}")
         if self.image_size < 8:
             raise UsageError(f"--image-size must be >= 8, got {self.image_size}")
+        normalization(self.normalize)
+        check_resize(self.resize)
         return self
 
 
@@ -91,6 +99,8 @@ def expert_trajectory(
     ).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=config.lr)
     order = torch.Generator().manual_seed(derive_seed(config.seed, index, 1))
+    draws = torch.Generator().manual_seed(derive_seed(config.seed, index, 3))
+    batch = expert_batches(pairs, config, draws, device)
     snaps_img, snaps_txt = [], []
 
     def snapshot() -> None:
@@ -102,11 +112,8 @@ def expert_trajectory(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(derive_seed(config.seed, index, 2))
         for _ in range(config.epochs):
-            perm = torch.randperm(pairs.n_pairs, generator=order)
-            for batch in torch.split(perm, config.batch_size):
-                idx = batch.numpy()
-                images = normalize_images(pairs.pixels(idx)).to(device)
-                texts = pairs.texts[batch].to(device)
+            for idx in epoch_batches(pairs.n_pairs, config.batch_size, order):
+                images, texts = batch(idx)
                 loss = symmetric_ce(student(images, texts))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -117,8 +124,29 @@ def expert_trajectory(
     return torch.stack(snaps_img), torch.stack(snaps_txt)
 
 
+def epoch_batches(n: int, batch_size: int, order: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches: a random permutation cut into full batches (drop_last)."""
+    perm = torch.randperm(n, generator=order)
+    return [perm[s : s + batch_size] for s in range(0, n - batch_size + 1, batch_size)]
+
+
+def expert_batches(pairs: PairSet, config: BufferConfig, draws: torch.Generator, device):
+    """A function from pair indices to the (images, texts) an expert trains on: the cached
+    pixels augmented (when the protocol says so) and normalised, and the text features."""
+    mean, std = normalization(config.normalize)
+    augment = ExpertAugment(pairs.image_size) if config.augment else None
+
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = pairs.pixels(idx.numpy()).to(device)
+        if augment is not None:
+            pixels = augment(pixels, draws)
+        return normalize_images(pixels, mean, std), pairs.texts[idx].to(device)
+
+    return batch
+
+
 def expert_meta(config: BufferConfig, pairs: PairSet, index: int, student_dims: dict) -> dict:
-    """Metadata stored in each expert file (plain types only)."""
+    """Metadata stored in each expert file (plain types only), with the image protocol."""
     return {
         "version": FORMAT_VERSION,
         "expert": index,
@@ -127,8 +155,11 @@ def expert_meta(config: BufferConfig, pairs: PairSet, index: int, student_dims: 
         "text_dim": pairs.text_dim,
         "pairs": pairs.n_pairs,
         "data": pairs.source,
-        "mean": list(IMAGE_MEAN),
-        "std": list(IMAGE_STD),
+        "protocol": protocol_meta(
+            config.augment, config.normalize, config.resize, pairs.image_size
+        ),
+        "mean": list(normalization(config.normalize)[0]),
+        "std": list(normalization(config.normalize)[1]),
     }
 
 
@@ -220,6 +251,11 @@ def make_buffers(
                 f"the pairs are {data.image_size} px with {data.text_encoder!r} texts, the "
                 f"config asks for {config.image_size} px and {config.text_encoder!r}"
             )
+        if data.resize != config.resize:
+            raise UsageError(
+                f"the pairs were resized with {data.resize!r}, the config asks for "
+                f"{config.resize!r}"
+            )
         stem = memory_stem(data)
         if read_done(cache, stem) is None:
             save_pairs(data, cache, stem)
@@ -232,8 +268,14 @@ def make_buffers(
             cache_dir=cache,
             image_root=image_root,
             device=device,
+            resize=config.resize,
         )
     pairs = from_cache(cache, stem)
+    if pairs.n_pairs < config.batch_size:
+        raise UsageError(
+            f"--batch-size {config.batch_size} exceeds the {pairs.n_pairs} real pairs: experts "
+            "train on full batches only (drop_last)"
+        )
     source = data.source if isinstance(data, PairSet) else str(data)
     _check_manifest(out, config, stem)
     dims = _dims(config, pairs.text_dim)
@@ -284,7 +326,8 @@ def _check_manifest(out: Path, config: BufferConfig, stem: str | None) -> None:
         old = json.loads(path.read_text())
     except ValueError:
         return
-    keys = (*ARCH_KEYS, "epochs", "lr", "batch_size", "seed")
+    keys = (*ARCH_KEYS, *PROTOCOL_KEYS, "epochs", "lr", "batch_size", "seed")
+    old = {**LEGACY_PROTOCOL, **old} if old.get("version", 1) < 2 else old
     diff = [k for k in keys if k in old and old[k] != getattr(config, k)]
     if diff:
         k = diff[0]
@@ -319,24 +362,29 @@ class Buffers:
 
 
 def load_buffers(directory: str | os.PathLike, expect: dict | None = None) -> Buffers:
-    """All expert files of DIRECTORY, validated; `expect` pins image/text encoder and size."""
+    """All expert files of DIRECTORY, validated; `expect` pins image/text encoder, image size,
+    normalisation and resize mode. Files of format 1 get the protocol they were made with."""
     root = Path(directory)
     paths = sorted(root.glob("expert_*.pt")) if root.is_dir() else []
     if not paths:
         raise UsageError(f"no expert buffers (expert_*.pt) in {root}; run `mmcurate buffer` first")
     experts = [read_expert(p) for p in paths]
+    for e in experts:
+        if e["meta"].get("version", 1) < 2:
+            e["meta"] = {**LEGACY_PROTOCOL, **e["meta"]}
     meta = dict(experts[0]["meta"])
     for path, e in zip(paths[1:], experts[1:], strict=True):
-        for key in (*ARCH_KEYS, "epochs", "n_img", "n_txt"):
+        for key in (*ARCH_KEYS, *PROTOCOL_KEYS, "epochs", "n_img", "n_txt"):
             if e["meta"].get(key) != meta.get(key):
                 raise UsageError(f"buffer file {path} differs from the others in {key}")
     expect = dict(expect or {})
     if expect.get("image_encoder"):
         expect["image_encoder"] = canonical_image_encoder(expect["image_encoder"])
+    labels = {"normalize": "image normalisation", "resize": "resize mode"}
     for key, value in expect.items():
         if value is not None and meta.get(key) != value:
             raise UsageError(
-                f"buffers in {root} were made for {key.replace('_', ' ')} "
+                f"buffers in {root} were made for {labels.get(key, key.replace('_', ' '))} "
                 f"{meta.get(key)!r}, not {value!r}"
             )
     return Buffers(root, meta, experts)

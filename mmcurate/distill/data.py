@@ -5,7 +5,8 @@ frozen text encoder's CLS features (`normalize=False`), and which image each cap
 to (Flickr30k/COCO have 5 captions per image). Loading writes a cache directory in the
 embedding-store layout (`<stem>.parquet`, `<stem>.npz` with `txt_cls`, `<stem>.done.json`)
 plus `<stem>.images.npy`, so captions are encoded and images decoded only once; expert
-workers then memory-map the cache.
+workers then memory-map the cache. Images are streamed into the .npy as they are decoded (never
+held in memory as a whole), at the resize mode the cache stem names (squash or crop).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import string
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -24,23 +24,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmcurate.data.atomic import save_npy_atomic
+from mmcurate.data.atomic import atomic_path
 from mmcurate.data.store import read_done, read_stem, write_stem
 from mmcurate.data.uid import sample_uid
-from mmcurate.distill.sources import RawPairs, is_json, read_json, read_shards, shard_urls
+from mmcurate.distill.augment import check_resize
+from mmcurate.distill.npy_rows import NpyRows
+from mmcurate.distill.sources import (
+    RawPairs,
+    is_json,
+    json_image_names,
+    read_json,
+    read_shards,
+    shard_urls,
+)
 from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.errors import MmcurateError, ShardError, UsageError
 from mmcurate.progress import progress_bar
 
 MAX_CAPTION_WORDS = 30
 TEXT_KEY = "txt_cls"
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+CACHE_VERSION = 2  # 2: captions cleaned as the reference does, resize mode in the stem
+SHARD_CAPACITY = 1024
+_STRIPPED = re.compile(r'[.!"()*#:;~]')
+_SPACES = re.compile(r"\s{2,}")
 
 
 def clean_caption(text: str, max_words: int = MAX_CAPTION_WORDS) -> str:
-    """Lower-case, replace punctuation by spaces, cut to `max_words` words (SPEC §6)."""
-    words = _PUNCT.sub(" ", text.lower()).split()
-    return " ".join(words[:max_words])
+    """The reference's caption cleaning: lower-case, each of .!"()*#:;~ becomes a space, runs
+    of whitespace become one space, then cut to `max_words` space-separated words."""
+    text = _SPACES.sub(" ", _STRIPPED.sub(" ", text.lower())).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
 
 
 @dataclass
@@ -55,6 +68,7 @@ class PairSet:
     source: str = "memory"
     text_encoder: str = ""
     skipped: dict[str, int] = field(default_factory=dict)
+    resize: str = "squash"
 
     @property
     def n_pairs(self) -> int:
@@ -107,7 +121,9 @@ def load_text_encoder(spec: str, device: str = DEFAULT_DEVICE):
     return encoder
 
 
-def _fingerprint(data: str, size: int, text_encoder: str, image_root: str | None) -> tuple:
+def _fingerprint(
+    data: str, size: int, text_encoder: str, image_root: str | None, resize: str
+) -> tuple:
     """A cache stem name and the list of inputs it was made from."""
     if is_json(data):
         inputs = [str(Path(data).resolve())]
@@ -115,7 +131,8 @@ def _fingerprint(data: str, size: int, text_encoder: str, image_root: str | None
     else:
         inputs = shard_urls(data)
         name = Path(str(data).rstrip("/")).name or "data"
-    h = hashlib.sha1(f"{size}|{text_encoder}|{image_root}".encode())
+    key = f"v{CACHE_VERSION}|{size}|{resize}|{text_encoder}|{image_root}"
+    h = hashlib.sha1(key.encode())
     for item in inputs:
         h.update(item.encode())
         if os.path.exists(item):
@@ -125,13 +142,18 @@ def _fingerprint(data: str, size: int, text_encoder: str, image_root: str | None
     return f"{safe}-{h.hexdigest()[:16]}", inputs
 
 
+def images_path(cache_dir: str | os.PathLike, stem: str) -> Path:
+    """The cache's memory-mapped images of a stem."""
+    return Path(cache_dir) / f"{stem}.images.npy"
+
+
 def from_cache(cache_dir: str | os.PathLike, stem: str) -> PairSet:
     """A PairSet from a finished cache stem (images memory-mapped)."""
     done = read_done(cache_dir, stem)
     if done is None:
         raise UsageError(f"no finished data cache {stem!r} in {cache_dir}")
     meta, arrays = read_stem(cache_dir, stem, [TEXT_KEY], ["uid", "caption", "image_index"])
-    images = np.load(Path(cache_dir) / f"{stem}.images.npy", mmap_mode="r", allow_pickle=False)
+    images = np.load(images_path(cache_dir, stem), mmap_mode="r", allow_pickle=False)
     image_index = meta.column("image_index").to_numpy().astype(np.int64)
     if len(image_index) and image_index.max() >= images.shape[0]:
         raise ShardError(f"{stem}: data cache images and captions disagree; delete {cache_dir}")
@@ -144,6 +166,7 @@ def from_cache(cache_dir: str | os.PathLike, stem: str) -> PairSet:
         source=str(done.get("source", "")),
         text_encoder=str(done.get("text_encoder", "")),
         skipped=dict(done.get("skipped", {})),
+        resize=str(done.get("resize", "crop")),
     )
 
 
@@ -155,44 +178,53 @@ def prepare_pairs(
     cache_dir: str | os.PathLike,
     image_root: str | None = None,
     device: str = DEFAULT_DEVICE,
+    resize: str = "squash",
 ) -> str:
-    """Decode and encode DATA into the cache unless done already; returns the cache stem."""
-    stem, _ = _fingerprint(str(data), image_size, text_encoder, image_root)
+    """Decode and encode DATA into the cache unless done already; returns the cache stem.
+
+    Images stream into a preallocated memory-mapped .npy under a temporary name in the cache
+    directory, renamed once the captions are encoded too.
+    """
+    check_resize(resize)
+    stem, _ = _fingerprint(str(data), image_size, text_encoder, image_root, resize)
     done = read_done(cache_dir, stem)
-    if done is not None and (Path(cache_dir) / f"{stem}.images.npy").is_file():
+    if done is not None and images_path(cache_dir, stem).is_file():
         return stem
     start = time.perf_counter()
-    if is_json(str(data)):
-        raw = read_json(Path(data), image_size, image_root)
-    elif str(data).endswith(".json"):
+    if not is_json(str(data)) and str(data).endswith(".json"):
         raise UsageError(f"dataset JSON not found: {data}")
-    else:
-        raw = read_shards(shard_urls(str(data)), image_size)
-    if not raw.captions:
-        raise UsageError(f"no usable image-caption pairs in {data}")
-    encoder = load_text_encoder(text_encoder, device)
-    texts = encode_captions(encoder, raw.captions).numpy().astype(np.float32)
-    if not np.isfinite(texts).all():
-        raise MmcurateError(f"text encoder {text_encoder} gave NaN/Inf features for {data}")
+    row = (image_size, image_size, 3)
+    with atomic_path(images_path(cache_dir, stem)) as tmp:
+        if is_json(str(data)):
+            sink = NpyRows(tmp, row, len(json_image_names(Path(data))))
+            raw = read_json(Path(data), image_size, image_root, resize, sink)
+        else:
+            sink = NpyRows(tmp, row, SHARD_CAPACITY)
+            raw = read_shards(shard_urls(str(data)), image_size, resize, sink)
+        n_images = sink.close()
+        if not raw.captions:
+            raise UsageError(f"no usable image-caption pairs in {data}")
+        encoder = load_text_encoder(text_encoder, device)
+        texts = encode_captions(encoder, raw.captions).numpy().astype(np.float32)
+        if not np.isfinite(texts).all():
+            raise MmcurateError(f"text encoder {text_encoder} gave NaN/Inf features for {data}")
     stats = {
         "source": str(data),
         "text_encoder": text_encoder,
         "skipped": dict(raw.skipped),
         "seconds": round(time.perf_counter() - start, 3),
+        "resize": resize,
+        "n_images": n_images,
+        "image_size": image_size,
     }
-    _write_cache(cache_dir, stem, raw, np.stack(raw.images), texts, stats)
+    _write_stem(cache_dir, stem, raw, texts, stats)
     return stem
 
 
-def _write_cache(
-    cache_dir: str | os.PathLike,
-    stem: str,
-    raw: RawPairs,
-    images: np.ndarray,
-    texts: np.ndarray,
-    stats: dict,
+def _write_stem(
+    cache_dir: str | os.PathLike, stem: str, raw: RawPairs, texts: np.ndarray, stats: dict
 ) -> None:
-    """Images first, then the store stem (parquet, npz, done marker last), all atomic."""
+    """The store stem beside the images (parquet, npz, done marker last), all atomic."""
     import pyarrow as pa
 
     meta = pa.table(
@@ -205,19 +237,13 @@ def _write_cache(
             "image_index": pa.array(raw.image_index, type=pa.int64()),
         }
     )
-    save_npy_atomic(Path(cache_dir) / f"{stem}.images.npy", images)
-    stats = {
-        **stats,
-        "image_size": int(images.shape[1]),
-        "n_images": int(images.shape[0]),
-        "dim": int(texts.shape[1]),
-    }
-    write_stem(cache_dir, stem, meta, {TEXT_KEY: texts}, stats)
+    write_stem(cache_dir, stem, meta, {TEXT_KEY: texts}, {**stats, "dim": int(texts.shape[1])})
 
 
 def memory_stem(pairs: PairSet) -> str:
     """A cache stem naming an in-memory PairSet by its content's identity."""
-    h = hashlib.sha1(f"{pairs.text_encoder}|{pairs.image_size}|{pairs.n_images}".encode())
+    head = f"{pairs.text_encoder}|{pairs.image_size}|{pairs.n_images}|{pairs.resize}"
+    h = hashlib.sha1(head.encode())
     h.update("\n".join(pairs.uids).encode())
     h.update(np.ascontiguousarray(pairs.image_index).tobytes())
     h.update(pairs.texts.numpy().tobytes())
@@ -229,7 +255,6 @@ def memory_stem(pairs: PairSet) -> str:
 def save_pairs(pairs: PairSet, cache_dir: str | os.PathLike, stem: str = "memory") -> str:
     """Write an in-memory PairSet as a cache stem, so worker processes can memory-map it."""
     raw = RawPairs(
-        images=[],
         image_index=[int(i) for i in pairs.image_index],
         captions=list(pairs.captions),
         uids=list(pairs.uids),
@@ -238,9 +263,21 @@ def save_pairs(pairs: PairSet, cache_dir: str | os.PathLike, stem: str = "memory
         shards=[stem] * pairs.n_pairs,
         skipped=Counter(pairs.skipped),
     )
-    stats = {"source": pairs.source, "text_encoder": pairs.text_encoder, "skipped": pairs.skipped}
-    texts = pairs.texts.numpy().astype(np.float32)
-    _write_cache(cache_dir, stem, raw, np.asarray(pairs.images, dtype=np.uint8), texts, stats)
+    with atomic_path(images_path(cache_dir, stem)) as tmp:
+        sink = NpyRows(tmp, (pairs.image_size, pairs.image_size, 3), pairs.n_images)
+        for start in range(0, pairs.n_images, 4096):
+            for image in np.asarray(pairs.images[start : start + 4096], dtype=np.uint8):
+                sink.append(image)
+        sink.close()
+    stats = {
+        "source": pairs.source,
+        "text_encoder": pairs.text_encoder,
+        "skipped": pairs.skipped,
+        "resize": pairs.resize,
+        "n_images": pairs.n_images,
+        "image_size": pairs.image_size,
+    }
+    _write_stem(cache_dir, stem, raw, pairs.texts.numpy().astype(np.float32), stats)
     return stem
 
 
@@ -257,6 +294,7 @@ def pairs_from_arrays(
     uids: Sequence[str] | None = None,
     image_index: Sequence[int] | None = None,
     device: str = "cpu",
+    resize: str = "squash",
 ) -> PairSet:
     """An in-memory PairSet (e.g. the built-in synthetic corpus), texts encoded now."""
     encoder = load_text_encoder(text_encoder, device)
@@ -271,4 +309,5 @@ def pairs_from_arrays(
         uids=list(uids),
         source="memory",
         text_encoder=text_encoder,
+        resize=check_resize(resize),
     )

@@ -5,65 +5,57 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from mmcurate.data.atomic import torch_save_atomic
+from mmcurate.distill.augment import ExpertAugment
 from mmcurate.distill.buffers import Buffers, derive_seed, load_buffers
+from mmcurate.distill.checkpoint import checkpoint_path, restore, state
 from mmcurate.distill.data import PairSet, load_pairs
 from mmcurate.distill.export import export_artifact
 from mmcurate.distill.losses import get_loss
 from mmcurate.distill.matching import MATCHERS, Segment, SyntheticSet
 from mmcurate.distill.presets import DistillConfig
+from mmcurate.distill.sampling import expert_for, mini_batches, pick_init_pairs, start_epoch
 from mmcurate.distill.similarity import make_similarity
 from mmcurate.distill.sources import absolute_data
 from mmcurate.distill.students import Student, build_student, normalize_images
 from mmcurate.errors import MmcurateError, UsageError
 from mmcurate.progress import progress_bar
 
-RESUMABLE_IGNORE = ("iterations",)
 SAVE_EVERY = 100
 
 
-def checkpoint_path(out: str | os.PathLike) -> Path:
-    """The checkpoint written beside the artifact: `<name>.ckpt.pt`."""
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".pt") + ".ckpt.pt")
-
-
-def pick_init_pairs(pairs: PairSet, n: int, seed: int) -> np.ndarray:
-    """N random real pairs with distinct images (one random caption of each)."""
-    if pairs.n_images < n:
-        raise UsageError(
-            f"the real data has {pairs.n_images} images ({pairs.n_pairs} pairs), "
-            f"fewer than N = {n} distilled pairs"
-        )
-    rng = np.random.default_rng(derive_seed(seed, 0))
-    images = rng.permutation(pairs.n_images)[:n]
-    by_image: dict[int, list[int]] = {}
-    for pair, image in enumerate(pairs.image_index):
-        by_image.setdefault(int(image), []).append(pair)
-    return np.array([by_image[int(i)][rng.integers(len(by_image[int(i)]))] for i in images])
+def initial_images(
+    pairs: PairSet, chosen: np.ndarray, config: DistillConfig, meta: dict
+) -> torch.Tensor:
+    """The N real images X starts from, augmented as the experts' (unless config.augment is
+    off) and normalised with the buffers' mean/std."""
+    pixels = pairs.pixels(chosen)
+    if config.augment:
+        gen = torch.Generator().manual_seed(derive_seed(config.seed, 5))
+        pixels = ExpertAugment(pairs.image_size)(pixels, gen)
+    return normalize_images(pixels, meta["mean"], meta["std"])
 
 
 def _synthetic_from_real(
     pairs: PairSet, chosen: np.ndarray, config: DistillConfig, meta: dict, device: torch.device
 ) -> SyntheticSet:
-    """X and Y from N real pairs (normalised as the experts saw them), S = I, η = eta_init."""
+    """X and Y from N real pairs, S = I, η = eta_init (stored as log η with eta_param log)."""
     gen = torch.Generator().manual_seed(derive_seed(config.seed, 1))
     sim = make_similarity(config.pairs, config.rank, config.alpha, gen)
     sim.requires_grad_(config.learn_sim)
+    eta = float(np.log(config.eta_init)) if config.eta_param == "log" else config.eta_init
     return SyntheticSet(
-        images=normalize_images(pairs.pixels(chosen), meta["mean"], meta["std"])
-        .to(device)
-        .requires_grad_(True),
+        images=initial_images(pairs, chosen, config, meta).to(device).requires_grad_(True),
         texts=pairs.texts[torch.from_numpy(chosen)].clone().to(device).requires_grad_(True),
         sim=sim.to(device),
-        eta_img=torch.tensor(config.eta_init, device=device).requires_grad_(True),
-        eta_txt=torch.tensor(config.eta_init, device=device).requires_grad_(True),
+        eta_img=torch.tensor(eta, device=device).requires_grad_(True),
+        eta_txt=torch.tensor(eta, device=device).requires_grad_(True),
+        eta_param=config.eta_param,
     )
 
 
@@ -87,23 +79,13 @@ def _warmup(optimizer: torch.optim.SGD, config: DistillConfig, iteration: int) -
         group["lr"] = base[group["name"]] * scale
 
 
-def _batches(n: int, config: DistillConfig, gen: torch.Generator) -> list[torch.Tensor]:
-    """syn_steps mini-batches drawn from successive random permutations of the N pairs (MTT)."""
-    chunks: list[torch.Tensor] = []
-    out = []
-    for _ in range(config.syn_steps):
-        if not chunks:
-            chunks = list(torch.split(torch.randperm(n, generator=gen), config.mini_batch))
-        out.append(chunks.pop())
-    return out
-
-
 def _check_buffers(buffers: Buffers, config: DistillConfig, pairs: PairSet) -> None:
     """Refuse buffers that cannot serve this config and data, before any iteration."""
-    if config.max_start_epoch + config.expert_epochs > buffers.epochs:
+    if config.max_start_epoch - 1 + config.expert_epochs > buffers.epochs:
         raise UsageError(
-            f"--max-start-epoch {config.max_start_epoch} + --expert-epochs "
-            f"{config.expert_epochs} exceeds the {buffers.epochs} epochs of the buffers"
+            f"--max-start-epoch {config.max_start_epoch} (starts 0..{config.max_start_epoch - 1})"
+            f" + --expert-epochs {config.expert_epochs} exceeds the {buffers.epochs} epochs of "
+            "the buffers"
         )
     if pairs.text_encoder and pairs.text_encoder != buffers.meta["text_encoder"]:
         raise UsageError(
@@ -121,6 +103,11 @@ def _check_buffers(buffers: Buffers, config: DistillConfig, pairs: PairSet) -> N
             f"the data's images are {pairs.image_size} px, the buffers' "
             f"{buffers.meta['image_size']} px"
         )
+    if pairs.resize != buffers.meta["resize"]:
+        raise UsageError(
+            f"the data's images were resized with {pairs.resize!r}, the buffers' with "
+            f"{buffers.meta['resize']!r}"
+        )
 
 
 def artifact_config(config: DistillConfig, buffers: Buffers, extra: dict) -> dict[str, Any]:
@@ -136,52 +123,13 @@ def artifact_config(config: DistillConfig, buffers: Buffers, extra: dict) -> dic
         "embed_dim": int(m["embed_dim"]),
         "mean": list(m["mean"]),
         "std": list(m["std"]),
+        "normalize": m["normalize"],
+        "resize": m["resize"],
+        "expert_augment": bool(m["augment"]),
         "expert_lr": float(m["lr"]),
         "buffers": str(buffers.directory.resolve()),
         **extra,
     }
-
-
-def _state(syn: SyntheticSet, optimizer, gen, iteration: int, cfg: dict, uids: list) -> dict:
-    return {
-        "iteration": iteration,
-        "images": syn.images.detach().cpu(),
-        "texts": syn.texts.detach().cpu(),
-        "sim": {k: v.detach().cpu() for k, v in syn.sim.state_dict().items()},
-        "eta_img": syn.eta_img.detach().cpu(),
-        "eta_txt": syn.eta_txt.detach().cpu(),
-        "optimizer": optimizer.state_dict(),
-        "generator": gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "config": cfg,
-        "uids": uids,
-    }
-
-
-def _restore(path: Path, syn: SyntheticSet, optimizer, gen, cfg: dict) -> tuple[int, list]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(f"cannot resume from corrupt checkpoint {path}: {exc}") from None
-    old = {k: v for k, v in state["config"].items() if k not in RESUMABLE_IGNORE}
-    new = {k: v for k, v in cfg.items() if k not in RESUMABLE_IGNORE}
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
-        k = diff[0]
-        raise UsageError(
-            f"checkpoint {path} was made with {k}={old.get(k)!r}, not {new.get(k)!r}; "
-            "drop --resume to start over"
-        )
-    with torch.no_grad():
-        syn.images.copy_(state["images"])
-        syn.texts.copy_(state["texts"])
-        syn.sim.load_state_dict(state["sim"])
-        syn.eta_img.copy_(state["eta_img"])
-        syn.eta_txt.copy_(state["eta_txt"])
-    optimizer.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["iteration"]), list(state["uids"])
 
 
 def distill(
@@ -204,10 +152,15 @@ def distill(
     device = torch.device(device)
     _check_buffers(buffers, config, pairs)
     cfg = artifact_config(config, buffers, extra_config or {})
-    chosen = pick_init_pairs(pairs, config.pairs, config.seed)
+    chosen = pick_init_pairs(pairs, config.pairs, config.seed, config.init)
     uids = [pairs.uids[i] for i in chosen]
     student = build_student(
-        cfg["image_encoder"], cfg["text_dim"], cfg["image_size"], config.seed, device
+        cfg["image_encoder"],
+        cfg["text_dim"],
+        cfg["image_size"],
+        config.seed,
+        device,
+        temperature=config.temperature,
     ).train()
     if student.image_layout.size != buffers.meta["n_img"]:
         raise UsageError(
@@ -221,24 +174,24 @@ def distill(
 
     def save(done: int) -> None:
         if ckpt is not None and save_every and done % save_every == 0:
-            torch_save_atomic(_state(syn, optimizer, gen, done, cfg, uids), ckpt)
+            torch_save_atomic(state(syn, optimizer, gen, done, cfg, uids), ckpt)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(derive_seed(config.seed, 3))
         start = 0
         if resume and ckpt is not None and ckpt.is_file():
-            start, uids = _restore(ckpt, syn, optimizer, gen, cfg)
+            start, uids = restore(ckpt, syn, optimizer, gen, cfg)
         losses, seconds = _loop(
             student, syn, optimizer, gen, buffers, config, start, progress, device, save
         )
         if ckpt is not None:
-            torch_save_atomic(_state(syn, optimizer, gen, config.iterations, cfg, uids), ckpt)
+            torch_save_atomic(state(syn, optimizer, gen, config.iterations, cfg, uids), ckpt)
     artifact = {
         "images": syn.images.detach().cpu().float().clone(),
         "texts": syn.texts.detach().cpu().float().clone(),
         "similarity": syn.sim.export(),
-        "lr_img": float(syn.eta_img.item()),
-        "lr_txt": float(syn.eta_txt.item()),
+        "lr_img": float(syn.etas()[0].item()),
+        "lr_txt": float(syn.etas()[1].item()),
         "config": {
             **cfg,
             "final_loss": float(np.mean(losses[-20:])) if losses else None,
@@ -278,13 +231,15 @@ def _loop(
         disable=not progress,
     )
     for it in bar:
-        expert = int(torch.randint(n_experts, (1,), generator=gen))
-        epoch = int(torch.randint(config.max_start_epoch + 1, (1,), generator=gen))
+        expert = expert_for(config.seed, n_experts, it)
+        epoch = start_epoch(config.max_start_epoch, gen)
         parts = buffers.segment(expert, epoch, config.expert_epochs)
         seg = Segment(*(p.to(device=device, dtype=torch.float32) for p in parts))
-        batches = [b.to(device) for b in _batches(config.pairs, config, gen)]
+        batches = mini_batches(config.pairs, config.mini_batch, config.syn_steps, gen)
         optimizer.zero_grad(set_to_none=True)
-        result = matcher(student, loss_fn, syn, seg, batches)
+        result = matcher(
+            student, loss_fn, syn, seg, [b.to(device) for b in batches], config.merge_loss_branches
+        )
         if not np.isfinite(result.loss):
             raise MmcurateError(
                 f"matching loss became {result.loss} at iteration {it}; lower --lr-img, "
@@ -294,10 +249,11 @@ def _loop(
         optimizer.step()
         _check_step_sizes(syn, config, it)
         losses.append(result.loss)
+        eta_img, eta_txt = syn.etas()
         bar.set_postfix(
             loss=f"{np.mean(losses[-20:]):.4f}",
-            eta_img=f"{syn.eta_img.item():.3g}",
-            eta_txt=f"{syn.eta_txt.item():.3g}",
+            eta_img=f"{eta_img.item():.3g}",
+            eta_txt=f"{eta_txt.item():.3g}",
         )
         if it + 1 < config.iterations:
             on_done(it + 1)
@@ -307,12 +263,13 @@ def _loop(
 
 def _check_step_sizes(syn: SyntheticSet, config: DistillConfig, it: int) -> None:
     """A learned η at or below 0 turns the inner SGD into ascent: stop with the remedy."""
-    for name, eta in (("lr_img", syn.eta_img), ("lr_txt", syn.eta_txt)):
+    for name, eta in zip(("lr_img", "lr_txt"), syn.etas(), strict=True):
         value = float(eta.item())
         if not value > 0:
             raise MmcurateError(
                 f"learned step size {name} became {value:.4g} at iteration {it}; "
-                f"lower --lr-lr (now {config.lr_lr:g}) or add --warmup"
+                f"lower --lr-lr (now {config.lr_lr:g}), add --warmup, or learn it in log "
+                "space (--eta-param log)"
             )
 
 
@@ -333,8 +290,8 @@ def run_distill(
 ) -> dict[str, Any]:
     """`mmcurate distill`: LoRS on DATA against the buffers, written to OUT; the end summary.
 
-    `expect` pins the buffers' image encoder, text encoder or image size; the real pairs are
-    loaded at the buffers' image size and text encoder.
+    `expect` pins the buffers' image encoder, text encoder, image size, normalisation or resize
+    mode; the real pairs are loaded at the buffers' image size, resize mode and text encoder.
     """
     from mmcurate.embed import resolve_device
 
@@ -350,6 +307,7 @@ def run_distill(
         cache_dir=cache_dir,
         image_root=image_root,
         device=device,
+        resize=str(buffers.meta["resize"]),
     )
     art = distill(
         real,

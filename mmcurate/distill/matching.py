@@ -1,13 +1,20 @@
 """Trajectory matching (SPEC §6, steps 2-5): constant-memory first order, and two references.
 
 All three variants leave gradients in the `.grad` of the synthetic leaves (images, texts,
-similarity parameters that require grad, η_img, η_txt) and return the matching loss.
+similarity parameters that require grad, and the step-size parameters: η itself, or log η with
+`eta_param="log"`) and return the matching loss.
 - `tesla`: constant memory. A first pass unrolls the student without a graph and sums
-  G = Σ g_t; a second pass recomputes one step's graph at a time and back-propagates
-  ⟨∂L/∂G, g_t⟩ into the batch's rows. η gets the closed-form gradient with G held constant.
+  G = Σ g_t; a second pass starts again from θ_0, recomputes one step's graph at a time,
+  back-propagates ⟨∂L/∂G, g_t⟩ into the batch's rows and rebuilds θ_{t+1} = θ_t − η·g_t from
+  the recomputed g_t, so no per-step parameters are kept. η gets the closed-form gradient with
+  G held constant.
 - `first-order-graph`: the same objective as one autograd graph over all steps, with θ_t
   detached between steps (the reference that `tesla` must equal; memory grows with steps).
 - `full`: the second-order unroll of the original MTT (θ_t stays in the graph).
+
+With `merge=True` (the reference's `--merge_loss_branches`) the X, Y and S gradients come from
+(‖r_img‖² + ‖r_txt‖²) / (‖θ₀−θ*‖²_img + ‖θ₀−θ*‖²_txt) instead of the sum of the per-modality
+ratios; η's gradient and the reported loss stay per modality, as in the reference.
 """
 
 from __future__ import annotations
@@ -22,21 +29,38 @@ from mmcurate.distill.losses import LossFn
 from mmcurate.distill.similarity import FullSimilarity, LowRankSimilarity
 from mmcurate.distill.students import Student
 
+ETA_PARAMS = ("linear", "log")
+
 
 @dataclass
 class SyntheticSet:
-    """What distillation learns: images X, text embeddings Y, similarity S and η per modality."""
+    """What distillation learns: images X, text embeddings Y, similarity S and η per modality.
+
+    `eta_img`/`eta_txt` are the learned step-size parameters: η itself (`eta_param` linear, the
+    reference's) or ρ with η = exp(ρ) (`eta_param` log).
+    """
 
     images: Tensor
     texts: Tensor
     sim: LowRankSimilarity | FullSimilarity
     eta_img: Tensor
     eta_txt: Tensor
+    eta_param: str = "linear"
 
     def leaves(self) -> list[Tensor]:
         """The tensors that receive gradients (similarity only when it is learned)."""
+        return [*self.inputs(), self.eta_img, self.eta_txt]
+
+    def inputs(self) -> list[Tensor]:
+        """The leaves other than the step sizes: X, Y and the learned similarity parameters."""
         sim = [p for p in self.sim.parameters() if p.requires_grad]
-        return [self.images, self.texts, *sim, self.eta_img, self.eta_txt]
+        return [self.images, self.texts, *sim]
+
+    def etas(self) -> tuple[Tensor, Tensor]:
+        """(η_img, η_txt) as differentiable functions of the step-size parameters."""
+        if self.eta_param == "log":
+            return self.eta_img.exp(), self.eta_txt.exp()
+        return self.eta_img, self.eta_txt
 
 
 @dataclass(frozen=True)
@@ -89,20 +113,29 @@ def _norms(seg: Segment) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return d_img, d_txt, d_img.pow(2).sum(), d_txt.pow(2).sum()
 
 
+def _denominators(n_img: Tensor, n_txt: Tensor, merge: bool) -> tuple[Tensor, Tensor]:
+    """What each modality's matching term is divided by for the X, Y, S gradients."""
+    return (n_img + n_txt, n_img + n_txt) if merge else (n_img, n_txt)
+
+
 def match_tesla(
-    student: Student, loss_fn: LossFn, syn: SyntheticSet, seg: Segment, batches: Sequence[Tensor]
+    student: Student,
+    loss_fn: LossFn,
+    syn: SyntheticSet,
+    seg: Segment,
+    batches: Sequence[Tensor],
+    merge: bool = False,
 ) -> MatchResult:
     """Constant-memory first-order matching: peak memory does not grow with len(batches)."""
     device = syn.images.device
-    eta_img, eta_txt = syn.eta_img.detach(), syn.eta_txt.detach()
+    eta_img, eta_txt = (e.detach() for e in syn.etas())
     images, texts = syn.images.detach(), syn.texts.detach()
     p_img, p_txt = seg.start_img.detach(), seg.start_txt.detach()
     g_img_sum = torch.zeros_like(p_img)
     g_txt_sum = torch.zeros_like(p_txt)
-    snapshots: list[tuple[Tensor, Tensor, tuple]] = []
+    states: list[tuple] = []
     for idx in batches:
-        rng = _rng_state(device)
-        snapshots.append((p_img, p_txt, rng))
+        states.append(_rng_state(device))
         leaf_img = p_img.clone().requires_grad_(True)
         leaf_txt = p_txt.clone().requires_grad_(True)
         with torch.no_grad():
@@ -113,6 +146,7 @@ def match_tesla(
         g_txt_sum += g_txt
         p_img = p_img - eta_img * g_img
         p_txt = p_txt - eta_txt * g_txt
+    del p_img, p_txt
     after = _rng_state(device)
 
     d_img, d_txt, n_img, n_txt = _norms(seg)
@@ -120,11 +154,13 @@ def match_tesla(
     r_txt = d_txt - eta_txt * g_txt_sum
     loss_img = r_img.pow(2).sum() / n_img
     loss_txt = r_txt.pow(2).sum() / n_txt
-    c_img = -2 * eta_img * r_img / n_img
-    c_txt = -2 * eta_txt * r_txt / n_txt
+    den_img, den_txt = _denominators(n_img, n_txt, merge)
+    c_img = -2 * eta_img * r_img / den_img
+    c_txt = -2 * eta_txt * r_txt / den_txt
 
-    inputs = [t for t in syn.leaves() if t is not syn.eta_img and t is not syn.eta_txt]
-    for idx, (s_img, s_txt, rng) in zip(batches, snapshots, strict=True):
+    inputs = syn.inputs()
+    s_img, s_txt = seg.start_img.detach(), seg.start_txt.detach()
+    for idx, rng in zip(batches, states, strict=True):
         _set_rng_state(rng, device)
         leaf_img = s_img.clone().requires_grad_(True)
         leaf_txt = s_txt.clone().requires_grad_(True)
@@ -133,22 +169,41 @@ def match_tesla(
         g_img, g_txt = torch.autograd.grad(loss, [leaf_img, leaf_txt], create_graph=True)
         inner = (c_img * g_img).sum() + (c_txt * g_txt).sum()
         torch.autograd.backward(inner, inputs=inputs)
+        s_img = s_img - eta_img * g_img.detach()
+        s_txt = s_txt - eta_txt * g_txt.detach()
     _set_rng_state(after, device)
 
-    _add_grad(syn.eta_img, -2 * (r_img * g_img_sum).sum() / n_img)
-    _add_grad(syn.eta_txt, -2 * (r_txt * g_txt_sum).sum() / n_txt)
+    d_eta_img = -2 * (r_img * g_img_sum).sum() / n_img
+    d_eta_txt = -2 * (r_txt * g_txt_sum).sum() / n_txt
+    torch.autograd.backward(
+        list(syn.etas()), grad_tensors=[d_eta_img, d_eta_txt], inputs=[syn.eta_img, syn.eta_txt]
+    )
     return MatchResult(float(loss_img + loss_txt), float(loss_img), float(loss_txt))
 
 
-def _add_grad(leaf: Tensor, grad: Tensor) -> None:
-    grad = grad.detach().reshape(leaf.shape)
-    leaf.grad = grad.clone() if leaf.grad is None else leaf.grad + grad
+def _backward(
+    loss_img: Tensor, loss_txt: Tensor, syn: SyntheticSet, n_img: Tensor, n_txt: Tensor, merge
+) -> None:
+    """Per-modality losses into every leaf; with merge, X, Y, S get the merged ratio instead."""
+    total = loss_img + loss_txt
+    if not merge:
+        torch.autograd.backward(total, inputs=syn.leaves())
+        return
+    merged = (loss_img * n_img + loss_txt * n_txt) / (n_img + n_txt)
+    torch.autograd.backward(merged, inputs=syn.inputs(), retain_graph=True)
+    torch.autograd.backward(total, inputs=[syn.eta_img, syn.eta_txt])
 
 
 def match_first_order_graph(
-    student: Student, loss_fn: LossFn, syn: SyntheticSet, seg: Segment, batches: Sequence[Tensor]
+    student: Student,
+    loss_fn: LossFn,
+    syn: SyntheticSet,
+    seg: Segment,
+    batches: Sequence[Tensor],
+    merge: bool = False,
 ) -> MatchResult:
     """The first-order objective as one autograd graph over all steps, θ_t detached per step."""
+    eta_img, eta_txt = syn.etas()
     p_img, p_txt = seg.start_img.detach(), seg.start_txt.detach()
     g_img_sum: Tensor | float = 0.0
     g_txt_sum: Tensor | float = 0.0
@@ -160,34 +215,40 @@ def match_first_order_graph(
         g_img, g_txt = torch.autograd.grad(loss, [leaf_img, leaf_txt], create_graph=True)
         g_img_sum = g_img_sum + g_img
         g_txt_sum = g_txt_sum + g_txt
-        p_img = p_img - syn.eta_img.detach() * g_img.detach()
-        p_txt = p_txt - syn.eta_txt.detach() * g_txt.detach()
+        p_img = p_img - eta_img.detach() * g_img.detach()
+        p_txt = p_txt - eta_txt.detach() * g_txt.detach()
     d_img, d_txt, n_img, n_txt = _norms(seg)
-    loss_img = (d_img - syn.eta_img * g_img_sum).pow(2).sum() / n_img
-    loss_txt = (d_txt - syn.eta_txt * g_txt_sum).pow(2).sum() / n_txt
-    total = loss_img + loss_txt
-    torch.autograd.backward(total, inputs=syn.leaves())
-    return MatchResult(float(total.detach()), float(loss_img.detach()), float(loss_txt.detach()))
+    loss_img = (d_img - eta_img * g_img_sum).pow(2).sum() / n_img
+    loss_txt = (d_txt - eta_txt * g_txt_sum).pow(2).sum() / n_txt
+    _backward(loss_img, loss_txt, syn, n_img, n_txt, merge)
+    total = float((loss_img + loss_txt).detach())
+    return MatchResult(total, float(loss_img.detach()), float(loss_txt.detach()))
 
 
 def match_full(
-    student: Student, loss_fn: LossFn, syn: SyntheticSet, seg: Segment, batches: Sequence[Tensor]
+    student: Student,
+    loss_fn: LossFn,
+    syn: SyntheticSet,
+    seg: Segment,
+    batches: Sequence[Tensor],
+    merge: bool = False,
 ) -> MatchResult:
     """The second-order unroll of MTT: every θ_t stays in the graph (memory linear in steps)."""
+    eta_img, eta_txt = syn.etas()
     p_img = seg.start_img.detach().clone().requires_grad_(True)
     p_txt = seg.start_txt.detach().clone().requires_grad_(True)
     for idx in batches:
         target = syn.sim.block(idx)
         loss = step_loss(student, loss_fn, p_img, p_txt, syn.images, syn.texts, target, idx)
         g_img, g_txt = torch.autograd.grad(loss, [p_img, p_txt], create_graph=True)
-        p_img = p_img - syn.eta_img * g_img
-        p_txt = p_txt - syn.eta_txt * g_txt
+        p_img = p_img - eta_img * g_img
+        p_txt = p_txt - eta_txt * g_txt
     _, _, n_img, n_txt = _norms(seg)
     loss_img = (p_img - seg.target_img).pow(2).sum() / n_img
     loss_txt = (p_txt - seg.target_txt).pow(2).sum() / n_txt
-    total = loss_img + loss_txt
-    torch.autograd.backward(total, inputs=syn.leaves())
-    return MatchResult(float(total.detach()), float(loss_img.detach()), float(loss_txt.detach()))
+    _backward(loss_img, loss_txt, syn, n_img, n_txt, merge)
+    total = float((loss_img + loss_txt).detach())
+    return MatchResult(total, float(loss_img.detach()), float(loss_txt.detach()))
 
 
 MATCHERS = {

@@ -27,8 +27,13 @@ class DistillConfig:
     alpha: float = 3.0
     loss: str = "wbce"
     matching: str = "tesla"
+    merge_loss_branches: bool = False
+    temperature: float = 0.07
+    init: str = "random"
+    augment: bool = True
     warmup: int = 0
     eta_init: float = 0.1
+    eta_param: str = "linear"
     momentum: float = 0.5
     learn_sim: bool = True
     seed: int = 0
@@ -39,10 +44,27 @@ class DistillConfig:
 
 
 def _row(
-    pairs, lr, lr_sim, rank, alpha, mini_batch, max_start=2, warmup=0, lr_txt=None, lr_lr=0.01
+    pairs,
+    lr,
+    lr_sim,
+    rank,
+    alpha,
+    mini_batch,
+    *,
+    max_start=2,
+    warmup=0,
+    lr_txt=None,
+    lr_lr=0.01,
+    iterations=3000,
+    merge=False,
+    temperature=0.07,
+    augment=True,
+    init="random",
+    eta_param="linear",
 ) -> dict[str, Any]:
     return {
         "pairs": pairs,
+        "iterations": iterations,
         "syn_steps": 8,
         "expert_epochs": 1,
         "max_start_epoch": max_start,
@@ -54,17 +76,26 @@ def _row(
         "mini_batch": mini_batch,
         "lr_lr": float(lr_lr),
         "warmup": warmup,
+        "merge_loss_branches": merge,
+        "temperature": float(temperature),
+        "augment": augment,
+        "init": init,
+        "eta_param": eta_param,
     }
 
 
+_TINY = {"augment": False, "init": "distinct", "eta_param": "log"}
+# The published rows are the reference's sh/distill_{flickr,coco}_lors_{100,200,500}.sh.
 PRESETS: dict[str, dict[str, Any]] = {
     "flickr-100": _row(99, 100, 10, 10, 3, 20),
     "flickr-200": _row(199, 1000, 10, 5, 1, 20),
     "flickr-500": _row(499, 1000, 100, 20, 0.01, 40, max_start=3),
-    "coco-100": _row(99, 1000, 5, 10, 1, 20),
-    "coco-200": _row(199, 1000, 50, 20, 1, 20),
-    "coco-500": _row(499, 5000, 500, 40, 1, 30),
-    "tiny": _row(20, 300, 0.3, 4, 1, 10, warmup=50, lr_txt=30, lr_lr=1e-4),
+    "coco-100": _row(99, 1000, 5, 10, 1, 20, merge=True),
+    "coco-200": _row(199, 1000, 50, 20, 1, 20, merge=True, iterations=2000),
+    "coco-500": _row(499, 5000, 500, 40, 1, 30, merge=True, temperature=0.1, augment=False),
+    # mmcurate's own, for the tiny built-in students: η in log space (the published linear η
+    # goes negative within the first iterations there) and distinct, clean initial images.
+    "tiny": _row(20, 300, 0.3, 4, 1, 10, warmup=50, lr_txt=30, lr_lr=3e-3, **_TINY),
 }
 MATCHING = ("tesla", "full")
 
@@ -98,17 +129,28 @@ def resolve_config(preset: str, **overrides: Any) -> DistillConfig:
 def validate(config: DistillConfig) -> DistillConfig:
     """Refuse settings that cannot run, with one line naming the setting."""
     from mmcurate.distill.losses import LOSSES
+    from mmcurate.distill.matching import ETA_PARAMS
+    from mmcurate.distill.sampling import INITS
 
-    positive = ("pairs", "syn_steps", "expert_epochs", "mini_batch")
+    positive = ("pairs", "syn_steps", "expert_epochs", "mini_batch", "max_start_epoch")
     for name in positive:
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    if config.iterations < 0 or config.max_start_epoch < 0 or config.warmup < 0:
-        raise UsageError("--iterations, --max-start-epoch and --warmup must be >= 0")
+    if config.iterations < 0 or config.warmup < 0:
+        raise UsageError("--iterations and --warmup must be >= 0")
     if config.loss not in LOSSES:
         raise UsageError(f"unknown loss {config.loss!r}: choose from {', '.join(LOSSES)}")
     if config.matching not in MATCHING:
         raise UsageError(f"unknown matching {config.matching!r}: choose from tesla, full")
+    if config.init not in INITS:
+        raise UsageError(f"unknown --init {config.init!r}: choose from {', '.join(INITS)}")
+    if config.eta_param not in ETA_PARAMS:
+        raise UsageError(
+            f"unknown --eta-param {config.eta_param!r}: choose from {', '.join(ETA_PARAMS)}"
+        )
+    for name in ("temperature", "eta_init"):
+        if not getattr(config, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0")
     return config
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -28,11 +29,26 @@ from mmcurate.errors import ShardError, UsageError
 from mmcurate.progress import progress_bar
 
 
-def _resize_square(im, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (bicubic) and centre-crop to a square; uint8 HWC."""
+class ImageSink(Protocol):
+    """Where decoded images go, one row each (the data cache's memory-mapped .npy)."""
+
+    count: int
+
+    def append(self, row: np.ndarray) -> int: ...
+
+    def rollback(self, count: int) -> None: ...
+
+
+def resize_square(im, size: int, mode: str) -> np.ndarray:
+    """An RGB size×size uint8 HWC image: `squash` resizes both sides (the reference's
+    Resize((s, s)), bicubic); `crop` resizes the shorter side and centre-crops."""
     from PIL import Image
 
     im = im.convert("RGB")
+    if mode == "squash":
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
     w, h = im.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -42,31 +58,30 @@ def _resize_square(im, size: int) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def decode_bytes(data: bytes, size: int) -> np.ndarray:
+def decode_bytes(data: bytes, size: int, mode: str) -> np.ndarray:
     """Decode image bytes fully and bring them to size×size."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        return _resize_square(im, size)
+        return resize_square(im, size, mode)
 
 
-def _decode_file(path: Path, size: int) -> np.ndarray | None:
+def _decode_file(path: Path, size: int, mode: str) -> np.ndarray | None:
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()
-            return _resize_square(im, size)
+            return resize_square(im, size, mode)
     except Exception:
         return None
 
 
 @dataclass
 class RawPairs:
-    """Pairs read from a source before text encoding."""
+    """Pairs read from a source before text encoding (their images went to a sink)."""
 
-    images: list[np.ndarray]
     image_index: list[int]
     captions: list[str]
     uids: list[str]
@@ -74,6 +89,10 @@ class RawPairs:
     urls: list[str | None]
     shards: list[str]
     skipped: Counter
+
+
+def _empty() -> RawPairs:
+    return RawPairs([], [], [], [], [], [], Counter())
 
 
 def is_json(data: str) -> bool:
@@ -110,7 +129,26 @@ def _read_json_entries(path: Path) -> list[dict]:
     return entries
 
 
-def read_json(path: Path, size: int, image_root: str | None) -> RawPairs:
+def json_image_names(path: Path) -> list[str]:
+    """The distinct images of a Karpathy JSON, in first-seen order (the cache's capacity)."""
+    return list(dict.fromkeys(str(e["image"]) for e in _read_json_entries(path)))
+
+
+def _decoded_in_order(root: Path, names: list[str], size: int, mode: str, desc: str):
+    """Decoded images of `names` in order, at most 64 in flight (memory stays bounded)."""
+    window = 64
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        bar = progress_bar(total=len(names), desc=desc, unit="img")
+        for start in range(0, len(names), window):
+            chunk = names[start : start + window]
+            yield from pool.map(lambda n: _decode_file(root / n, size, mode), chunk)
+            bar.update(len(chunk))
+        bar.close()
+
+
+def read_json(
+    path: Path, size: int, image_root: str | None, mode: str, sink: ImageSink
+) -> RawPairs:
     """Karpathy JSON: train entries hold one caption, val/test entries a list of captions."""
     entries = _read_json_entries(path)
     root = _image_root(path, entries, image_root)
@@ -121,16 +159,8 @@ def read_json(path: Path, size: int, image_root: str | None) -> RawPairs:
         base = len(slot)
         slot.extend((str(c), base + j) for j, c in enumerate(caps))
     names = list(order)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        decoded = list(
-            progress_bar(
-                pool.map(lambda n: _decode_file(root / n, size), names),
-                total=len(names),
-                desc=f"decode {path.name}",
-                unit="img",
-            )
-        )
-    raw = RawPairs([], [], [], [], [], [], [], Counter())
+    raw = _empty()
+    decoded = _decoded_in_order(root, names, size, mode, f"decode {path.name}")
     for name, pixels in zip(names, decoded, strict=True):
         if pixels is None:
             raw.skipped[UNDECODABLE_IMAGE] += len(order[name])
@@ -140,25 +170,26 @@ def read_json(path: Path, size: int, image_root: str | None) -> RawPairs:
             raw.skipped[MISSING_CAPTION] += len(order[name]) - len(kept)
         if not kept:
             continue
+        row = sink.append(pixels)
         for caption, j in kept:
             key = f"{name}#{j}"
-            raw.image_index.append(len(raw.images))
+            raw.image_index.append(row)
             raw.captions.append(caption)
             raw.keys.append(key)
             raw.uids.append(sample_uid(path.stem, key))
             raw.urls.append(None)
             raw.shards.append(path.stem)
-        raw.images.append(pixels)
     return raw
 
 
-def read_shards(urls: Sequence[str], size: int) -> RawPairs:
+def read_shards(urls: Sequence[str], size: int, mode: str, sink: ImageSink) -> RawPairs:
     """webdataset shards: one pair per sample; a broken shard is left out with a warning."""
-    raw = RawPairs([], [], [], [], [], [], [], Counter())
+    raw = _empty()
     for url in progress_bar(urls, desc="read shards", unit="shard"):
         stem = shard_stem(url)
         rows: list[tuple] = []
         seen: set[str] = set()
+        first = sink.count
         try:
             for sample in iter_samples(url):
                 caption = (sample["caption"] or "").strip()
@@ -172,19 +203,20 @@ def read_shards(urls: Sequence[str], size: int) -> RawPairs:
                     raw.skipped[DUPLICATE_UID] += 1
                     continue
                 try:
-                    pixels = decode_bytes(sample["image"], size)
+                    pixels = decode_bytes(sample["image"], size, mode)
                 except Exception:
                     raw.skipped[UNDECODABLE_IMAGE] += 1
                     continue
                 seen.add(sample["uid"])
-                rows.append((pixels, caption, sample["uid"], sample["key"], sample["url"]))
+                row = sink.append(pixels)
+                rows.append((row, caption, sample["uid"], sample["key"], sample["url"]))
         except ShardError as exc:
             warnings.warn(f"shard left out: {exc}", stacklevel=2)
             raw.skipped[BROKEN_SHARD] += 1
+            sink.rollback(first)
             continue
-        for pixels, caption, uid, key, url_field in rows:
-            raw.image_index.append(len(raw.images))
-            raw.images.append(pixels)
+        for row, caption, uid, key, url_field in rows:
+            raw.image_index.append(row)
             raw.captions.append(caption)
             raw.uids.append(uid)
             raw.keys.append(key)

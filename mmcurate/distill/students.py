@@ -20,9 +20,6 @@ from mmcurate.embed.encoders import TINY_TIMM
 from mmcurate.errors import UsageError
 
 TEMPERATURE = 0.07
-LOGIT_SCALE = math.log(1.0 / TEMPERATURE)
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
 _CONVNET = re.compile(r"^convnet-w(\d+)-d(\d+)$")
 
 
@@ -148,14 +145,22 @@ def flatten_params(module: nn.Module) -> Tensor:
 
 
 class Student(nn.Module):
-    """Image backbone + text projection head, with a fixed temperature of 0.07."""
+    """Image backbone + text projection head, logits at a fixed temperature (default 0.07)."""
 
     def __init__(
-        self, image_encoder: str, text_dim: int, image_size: int, dropout: float = 0.1
+        self,
+        image_encoder: str,
+        text_dim: int,
+        image_size: int,
+        dropout: float = 0.1,
+        temperature: float = TEMPERATURE,
     ) -> None:
         super().__init__()
+        if not temperature > 0:
+            raise UsageError(f"the student temperature must be > 0, got {temperature}")
         self.image_encoder = image_encoder
         self.image_size = image_size
+        self.temperature = float(temperature)
         self.image = image_backbone(image_encoder, image_size)
         self.embed_dim = int(self.image.num_features)
         self.text_dim = int(text_dim)
@@ -178,16 +183,17 @@ class Student(nn.Module):
     def logits(self, p_img: Tensor, p_txt: Tensor, images: Tensor, texts: Tensor) -> Tensor:
         """exp(logit_scale) * f̂ ĝᵀ at the flat parameters."""
         f, g = self.features(p_img, p_txt, images, texts)
-        return scaled_logits(f, g)
+        return scaled_logits(f, g, self.temperature)
 
     def forward(self, images: Tensor, texts: Tensor) -> Tensor:
         """Logits with the module's own parameters (for ordinary training)."""
-        return scaled_logits(self.image(images), self.text(texts))
+        return scaled_logits(self.image(images), self.text(texts), self.temperature)
 
 
-def scaled_logits(f: Tensor, g: Tensor) -> Tensor:
-    """Cosine similarities scaled by 1/0.07."""
-    return math.exp(LOGIT_SCALE) * F.normalize(f, dim=-1) @ F.normalize(g, dim=-1).T
+def scaled_logits(f: Tensor, g: Tensor, temperature: float = TEMPERATURE) -> Tensor:
+    """Cosine similarities scaled by exp(log(1/temperature)), as the reference's logit_scale."""
+    scale = math.exp(math.log(1.0 / temperature))
+    return scale * F.normalize(f, dim=-1) @ F.normalize(g, dim=-1).T
 
 
 def build_student(
@@ -198,29 +204,24 @@ def build_student(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     dropout: float = 0.1,
+    temperature: float = TEMPERATURE,
 ) -> Student:
     """A student whose random initialisation depends only on `seed` (global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = Student(image_encoder, text_dim, image_size, dropout)
+        student = Student(image_encoder, text_dim, image_size, dropout, temperature)
     return student.to(device=device, dtype=dtype)
 
 
-def normalize_images(
-    pixels: Tensor,
-    mean: Sequence[float] = IMAGE_MEAN,
-    std: Sequence[float] = IMAGE_STD,
-) -> Tensor:
+def normalize_images(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 (n,H,W,3) -> float32 (n,3,H,W) normalised by mean/std."""
     x = pixels.permute(0, 3, 1, 2).float() / 255.0
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
 
 
-def denormalize_images(
-    x: Tensor, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD
-) -> Tensor:
+def denormalize_images(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """float (n,3,H,W) normalised -> float (n,3,H,W) in [0, 1]."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

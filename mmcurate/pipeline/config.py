@@ -80,6 +80,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "num_eval": EvalConfig.num_eval,
         "epochs": EvalConfig.epochs,
         "eval_momentum": EvalConfig.momentum,
+        "protocol": EvalConfig.protocol,
         "baselines": ["random"],
     },
 }

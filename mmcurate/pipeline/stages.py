@@ -134,6 +134,9 @@ def buffer_stage(ctx: Context) -> tuple[dict, list[Path]]:
     return summary, [expert_path(out, i) for i in range(config.experts)]
 
 
+DISTILL_PINS = ("image_size", "text_encoder", "normalize", "resize")  # buffer keys distill checks
+
+
 def distill_stage(ctx: Context) -> tuple[dict, list[Path]]:
     """LoRS on the selected pairs; resumes from its checkpoint after an interruption."""
     c = ctx.section("distill")
@@ -151,7 +154,7 @@ def distill_stage(ctx: Context) -> tuple[dict, list[Path]]:
         save_every=int(c["save_every"]),
         resume=True,
         export_dir=export,
-        expect={k: arch[k] for k in ("image_size", "text_encoder")} if arch else None,
+        expect={k: arch[k] for k in DISTILL_PINS} if arch else None,
         progress=ctx.progress,
     )
     return summary, [out, export / "captions.json"]
@@ -165,6 +168,7 @@ def evaluate_stage(ctx: Context) -> tuple[dict, list[Path]]:
         num_eval=int(c["num_eval"]),
         epochs=int(c["epochs"]),
         momentum=float(c["eval_momentum"]),
+        protocol=str(c["protocol"]),
         seed=ctx.plan.seed,
     )
     sets = ["distilled", *as_list(c["baselines"])]
