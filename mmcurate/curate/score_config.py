@@ -79,8 +79,7 @@ class ScoreJob:
     @property
     def keys(self) -> list[str]:
         """The npz arrays a row needs, image first: a row invalid in any of them is skipped."""
-        needs_txt = "clipscore" in self.metrics or "negclip" in self.metrics
-        return [self.img_key] + ([self.txt_key] if needs_txt else [])
+        return [self.img_key] + ([self.txt_key] if needs_text(self.metrics) else [])
 
     @property
     def dedup_dir(self) -> Path:
@@ -93,6 +92,11 @@ class ScoreJob:
         sig["store"] = str(Path(self.store).resolve())
         sig["ps"] = [normsim_column(p) for p in self.ps]
         return json.loads(json.dumps(sig))
+
+
+def needs_text(metrics: tuple[str, ...] | list[str]) -> bool:
+    """Whether the metrics read caption embeddings (clipscore and negclip do)."""
+    return "clipscore" in metrics or "negclip" in metrics
 
 
 def parse_p(text: str | float) -> float:
@@ -170,7 +174,7 @@ def resolve_score(store: str, out: str, config: ScoreConfig, task_device: str = 
     parsed = tuple(dict.fromkeys(parse_p(p) for p in config.p)) or (math.inf,)
     if "normsim" not in chosen and (targets or config.p):
         warnings.warn("--target and --p are ignored without --metric normsim", stacklevel=2)
-    need_txt = "clipscore" in chosen or "negclip" in chosen
+    need_txt = needs_text(chosen)
     img_key, txt_key = config.img_key, config.txt_key
     if img_key is None or (need_txt and txt_key is None):
         found_img, found_txt = detect_keys(store, need_txt)

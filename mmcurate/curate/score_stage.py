@@ -172,7 +172,9 @@ def _semdedup(job: ScoreJob, stem: str, rows: int) -> np.ndarray | None:
     """The stem's semdedup values from this run's SemDeDup stage, aligned with its valid rows."""
     if not job.dedup:
         return None
-    values = semdedup_values(job.dedup_dir, stem, job.dedup_key or "unavailable")
+    if job.dedup_key is None:
+        raise ShardError(f"{stem}: semdedup did not finish (see the summary's semdedup/ failures)")
+    values = semdedup_values(job.dedup_dir, stem, job.dedup_key)
     if len(values) != rows:
         raise ShardError(f"{stem}: {len(values)} semdedup values for {rows} valid rows")
     return values

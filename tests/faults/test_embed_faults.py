@@ -180,17 +180,8 @@ def test_embed_over_damaged_shards(plan):
         )
 
 
-@pytest.mark.parametrize("fault", SAMPLE_FAULTS)
+@pytest.mark.parametrize("fault", SAMPLE_FAULTS + NAME_FAULTS)
 def test_each_sample_fault_beside_a_good_shard(fault, tmp_path):
-    shards = [
-        build_shard(tmp_path / "src", "bad", 7, 8, [fault, fault, fault]),
-        build_shard(tmp_path / "src", "good", 8, 6, []),
-    ]
-    run_and_check(shards, tmp_path, "--batch-size", "4")
-
-
-@pytest.mark.parametrize("fault", NAME_FAULTS)
-def test_each_unsafe_name_beside_a_good_shard(fault, tmp_path):
     shards = [
         build_shard(tmp_path / "src", "bad", 7, 8, [fault, fault, fault]),
         build_shard(tmp_path / "src", "good", 8, 6, []),
