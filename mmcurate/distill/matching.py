@@ -183,15 +183,17 @@ def match_tesla(
 
 def _backward(
     loss_img: Tensor, loss_txt: Tensor, syn: SyntheticSet, n_img: Tensor, n_txt: Tensor, merge
-) -> None:
-    """Per-modality losses into every leaf; with merge, X, Y, S get the merged ratio instead."""
+) -> MatchResult:
+    """Per-modality losses into every leaf (with merge, X, Y, S get the merged ratio instead);
+    the step's losses as numbers."""
     total = loss_img + loss_txt
     if not merge:
         torch.autograd.backward(total, inputs=syn.leaves())
-        return
-    merged = (loss_img * n_img + loss_txt * n_txt) / (n_img + n_txt)
-    torch.autograd.backward(merged, inputs=syn.inputs(), retain_graph=True)
-    torch.autograd.backward(total, inputs=[syn.eta_img, syn.eta_txt])
+    else:
+        merged = (loss_img * n_img + loss_txt * n_txt) / (n_img + n_txt)
+        torch.autograd.backward(merged, inputs=syn.inputs(), retain_graph=True)
+        torch.autograd.backward(total, inputs=[syn.eta_img, syn.eta_txt])
+    return MatchResult(float(total.detach()), float(loss_img.detach()), float(loss_txt.detach()))
 
 
 def match_first_order_graph(
@@ -220,9 +222,7 @@ def match_first_order_graph(
     d_img, d_txt, n_img, n_txt = _norms(seg)
     loss_img = (d_img - eta_img * g_img_sum).pow(2).sum() / n_img
     loss_txt = (d_txt - eta_txt * g_txt_sum).pow(2).sum() / n_txt
-    _backward(loss_img, loss_txt, syn, n_img, n_txt, merge)
-    total = float((loss_img + loss_txt).detach())
-    return MatchResult(total, float(loss_img.detach()), float(loss_txt.detach()))
+    return _backward(loss_img, loss_txt, syn, n_img, n_txt, merge)
 
 
 def match_full(
@@ -246,9 +246,7 @@ def match_full(
     _, _, n_img, n_txt = _norms(seg)
     loss_img = (p_img - seg.target_img).pow(2).sum() / n_img
     loss_txt = (p_txt - seg.target_txt).pow(2).sum() / n_txt
-    _backward(loss_img, loss_txt, syn, n_img, n_txt, merge)
-    total = float((loss_img + loss_txt).detach())
-    return MatchResult(total, float(loss_img.detach()), float(loss_txt.detach()))
+    return _backward(loss_img, loss_txt, syn, n_img, n_txt, merge)
 
 
 MATCHERS = {
