@@ -168,9 +168,9 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(one_seed(args.worker, args)))
         return
-    print(header("LoRS vs MTT vs random vs full on the built-in corpus (demo compute)"))
+    print(header("LoRS vs MTT vs random vs full on the built-in corpus (demo compute)", repeats=1))
     print(
-        f"settings: distill {args.set or 'tiny preset'}, "
+        f"one run per seed {args.seeds}; settings: distill {args.set or 'tiny preset'}, "
         f"buffers {args.buffer_set or 'augment=false (as the demo)'}"
     )
     began = time.perf_counter()

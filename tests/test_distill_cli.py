@@ -16,6 +16,7 @@ from mmcurate.cli.main import cli
 from mmcurate.demo.corpus import generate_corpus
 from mmcurate.distill.data import load_pairs
 from mmcurate.distill.evaluate import EvalConfig, artifact_set, evaluate_small_set
+from mmcurate.distill.presets import PRESETS
 
 TEXT = "hf-text:mmc-tiny-bert"
 FAST = ["--preset", "tiny", "--pairs", "6", "--mini-batch", "3", "--syn-steps", "3"]
@@ -130,7 +131,8 @@ def test_resume_continues_exactly(root, tmp_path):
         assert torch.equal(a["similarity"][key], b["similarity"][key]), key
     assert a["lr_img"] == b["lr_img"] and a["lr_txt"] == b["lr_txt"]
     changed = _distill(root, tmp_path / "b.pt", "--iterations", "8", "--resume", "--lr-img", "5")
-    assert changed.exit_code == 2 and "was made with lr_img=300.0, not 5.0" in changed.output
+    made_with = f"was made with lr_img={PRESETS['tiny']['lr_img']}, not 5.0"
+    assert changed.exit_code == 2 and made_with in changed.output
 
 
 def test_full_matching_and_full_similarity_matrix(root, tmp_path):
@@ -216,15 +218,21 @@ def test_buffers_of_another_normalisation_are_refused(root, tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_negative_learned_step_size_stops_with_the_remedy(root, tmp_path):
+@pytest.mark.parametrize("eta_param", ["linear", "log"])
+def test_a_learned_step_size_at_zero_stops_with_the_remedy(root, tmp_path, eta_param):
+    """Linear η goes negative, log η underflows to 0; only the first is told to try log."""
     out = tmp_path / "eta.pt"
-    result = _distill(root, out, "--iterations", "50", "--lr-lr", "1e4", "--save-every", "0")
+    result = _distill(
+        root, out, "--iterations", "50", "--lr-lr", "1e4", "--save-every", "0",
+        "--eta-param", eta_param,
+    )  # fmt: skip
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, result.output
     assert re.search(r"learned step size lr_(img|txt) became -?\d", errors[0]), errors[0]
-    assert "lower --lr-lr (now 10000)" in errors[0] and "--eta-param log" in errors[0]
+    assert "lower --lr-lr (now 10000)" in errors[0]
+    assert ("--eta-param log" in errors[0]) == (eta_param == "linear"), errors[0]
     assert not out.exists()
 
 

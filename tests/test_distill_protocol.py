@@ -226,7 +226,7 @@ def test_distill_loop_draws_as_the_reference(pairs, tmp_path, monkeypatch):
 
     monkeypatch.setitem(matching.MATCHERS, "tesla", fake)
     monkeypatch.setattr("mmcurate.distill.distiller.MATCHERS", matching.MATCHERS)
-    cfg = resolve_config("tiny", pairs=9, mini_batch=4, iterations=12, seed=1)
+    cfg = resolve_config("tiny", pairs=9, mini_batch=4, iterations=12, expert_epochs=1, seed=1)
     distill(pairs, buffers, cfg, progress=False)
     assert [sorted(e for e, _, _ in segments[c : c + 3]) for c in (0, 3, 6, 9)] == [[0, 1, 2]] * 4
     assert {s for _, s, _ in segments} == {0, 1} and {n for _, _, n in segments} == {1}

@@ -266,10 +266,13 @@ def _check_step_sizes(syn: SyntheticSet, config: DistillConfig, it: int) -> None
     for name, eta in zip(("lr_img", "lr_txt"), syn.etas(), strict=True):
         value = float(eta.item())
         if not value > 0:
+            remedy = (
+                "" if config.eta_param == "log" else ", or learn it in log space (--eta-param log)"
+            )
             raise MmcurateError(
                 f"learned step size {name} became {value:.4g} at iteration {it}; "
-                f"lower --lr-lr (now {config.lr_lr:g}), add --warmup, or learn it in log "
-                "space (--eta-param log)"
+                f"lower --lr-lr (now {config.lr_lr:g}), --lr-sim or --lr-img/--lr-txt, or add "
+                f"--warmup{remedy}"
             )
 
 
