@@ -14,8 +14,9 @@ from PIL import Image
 
 from mmcurate.cli.main import cli
 from mmcurate.demo.corpus import generate_corpus
+from mmcurate.distill.buffers import load_buffers
 from mmcurate.distill.data import load_pairs
-from mmcurate.distill.evaluate import EvalConfig, artifact_set, evaluate_small_set
+from mmcurate.distill.evaluate import EvalConfig, artifact_set, evaluate_small_set, mtt_artifact
 from mmcurate.distill.presets import PRESETS
 
 TEXT = "hf-text:mmc-tiny-bert"
@@ -114,6 +115,9 @@ def test_artifact_format_export_and_evaluate(root):
     assert mtt["config"]["method"] == "mtt" and mtt["config"]["loss"] == "ce"
     assert torch.equal(mtt["similarity"]["a"], torch.ones(6))
     assert torch.equal(mtt["similarity"]["R"], torch.zeros(6, 4))
+    direct = mtt_artifact(art, train, load_buffers(root / "buf"), progress=False)
+    for key in ("images", "texts"):
+        assert torch.allclose(mtt[key], direct[key], atol=1e-5), key
 
 
 def test_resume_continues_exactly(root, tmp_path):

@@ -361,13 +361,20 @@ class Buffers:
         return e["image"][start], e["text"][start], e["image"][end], e["text"][end]
 
 
-def load_buffers(directory: str | os.PathLike, expect: dict | None = None) -> Buffers:
-    """All expert files of DIRECTORY, validated; `expect` pins image/text encoder, image size,
-    normalisation and resize mode. Files of format 1 get the protocol they were made with."""
+def expert_paths(directory: str | os.PathLike) -> list[Path]:
+    """The expert files of DIRECTORY, refused in one line when there are none."""
     root = Path(directory)
     paths = sorted(root.glob("expert_*.pt")) if root.is_dir() else []
     if not paths:
         raise UsageError(f"no expert buffers (expert_*.pt) in {root}; run `mmcurate buffer` first")
+    return paths
+
+
+def load_buffers(directory: str | os.PathLike, expect: dict | None = None) -> Buffers:
+    """All expert files of DIRECTORY, validated; `expect` pins image/text encoder, image size,
+    normalisation and resize mode. Files of format 1 get the protocol they were made with."""
+    root = Path(directory)
+    paths = expert_paths(root)
     experts = [read_expert(p) for p in paths]
     for e in experts:
         if e["meta"].get("version", 1) < 2:

@@ -4,7 +4,8 @@ Sets are the distilled artifact and the baselines on equal budgets: random real 
 draw for each student, independent of the distillation's initial pairs), every real pair
 (full), and MTT-VL (S fixed to I). Every set's students train with the same recipe
 (EvalConfig). Figures are taken after the last epoch; the paper protocol adds the best epoch on
-the test split, kept apart as `best_on_test`.
+the test split, kept apart as `best_on_test`. The MTT distillation is itself a work item, run
+beside the other sets' students; the MTT students follow it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from mmcurate.data.atomic import write_json_atomic
 from mmcurate.distill.artifact import load_artifact
-from mmcurate.distill.buffers import load_buffers
+from mmcurate.distill.buffers import expert_paths, load_buffers
 from mmcurate.distill.data import load_pairs
 from mmcurate.distill.evaluate import (
     EvalConfig,
@@ -53,11 +54,20 @@ class StudentItem:
 
 
 @dataclass(frozen=True)
+class MttItem:
+    """The work item that distills the MTT baseline, before its students can train."""
+
+    name: str = "mtt#distill"
+
+
+@dataclass(frozen=True)
 class EvalJob:
     """What every evaluation student reads: the sets' sources, the data and the recipe."""
 
     artifact: str
     mtt: str | None
+    buffers: str | None
+    progress: bool
     train: str | None
     test: str
     pairs: int
@@ -97,6 +107,24 @@ def evaluate_student(job: EvalJob, item: StudentItem) -> dict:
     record = {**result, "pairs": pairs, **_recipe(job.config)}
     write_json_atomic(student_path(job.out, item.set, item.student), record)
     return {"rows": 1, "pairs": pairs}
+
+
+def distill_mtt(job: EvalJob, item: MttItem) -> dict:
+    """Work item: the MTT-VL baseline of the artifact at the job's N (resumable), saved to
+    job.mtt."""
+    art = load_artifact(job.artifact)
+    train = load_pairs(job.train, **job.load)
+    buffers = load_buffers(job.buffers or art["config"]["buffers"])
+    dev = resolve_device(job.device)
+    mtt_artifact(art, train, buffers, dev, job.mtt, progress=job.progress, pairs=job.pairs)
+    return {"rows": 1, "pairs": job.pairs}
+
+
+def evaluate_item(job: EvalJob, item: StudentItem | MttItem) -> dict:
+    """Work item of either kind: the MTT distillation or one student."""
+    if isinstance(item, MttItem):
+        return distill_mtt(job, item)
+    return evaluate_student(job, item)
 
 
 def _recipe(config: EvalConfig) -> dict:
@@ -155,10 +183,11 @@ def run_evaluate(
     (with the paper protocol also the best epoch's, as each set's `best_on_test`).
 
     With `out`, every student's recall and every set's result are kept there, and finished
-    students are skipped on a re-run. The MTT baseline is distilled first (resumable).
+    students are skipped on a re-run. The MTT baseline is distilled as one more work item
+    beside the other sets' students (resuming from its checkpoint), then its students run.
     """
     config.check()
-    dev = resolve_device(device)
+    resolve_device(device)
     art = load_artifact(artifact)
     cfg = art["config"]
     train = train or cfg.get("data")
@@ -189,24 +218,18 @@ def run_evaluate(
                 f"the full baseline trains with an N×N target matrix; {train_pairs.n_pairs} "
                 f"pairs exceed {FULL_BASELINE_LIMIT} (drop 'full')"
             )
+    if "mtt" in sets:
+        mtt_out = mtt_out or Path(artifact).with_name(
+            Path(artifact).name.removesuffix(".pt") + f".mtt{n}.pt"
+        )
+        expert_paths(buffers or cfg["buffers"])
     with ExitStack() as stack:
         work = Path(out) if out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        if "mtt" in sets:
-            mtt_out = mtt_out or Path(artifact).with_name(
-                Path(artifact).name.removesuffix(".pt") + f".mtt{n}.pt"
-            )
-            mtt_artifact(
-                art,
-                train_pairs,
-                load_buffers(buffers or cfg["buffers"]),
-                dev,
-                mtt_out,
-                progress,
-                pairs=n,
-            )
         job = EvalJob(
             artifact=str(artifact),
             mtt=str(mtt_out) if mtt_out else None,
+            buffers=str(buffers) if buffers else None,
+            progress=progress,
             train=train,
             test=absolute_data(test),
             pairs=n,
@@ -215,18 +238,25 @@ def run_evaluate(
             device=device,
             out=str(work),
         )
-        items = [
+        students = [
             StudentItem(f"{name}#{k}", name, k)
             for name in sorted(sets, key=lambda s: s != "full")
             for k in range(config.num_eval)
         ]
-        outcomes, skipped = run_stage(
-            executor,
-            functools.partial(evaluate_student, job),
-            items,
-            is_done=lambda it: _student_done(work, it, config),
-            desc="evaluate students",
-        )
+        first = [MttItem()] if "mtt" in sets else []
+        first += [it for it in students if it.set != "mtt"]
+        outcomes, skipped = [], []
+        for items in (first, [it for it in students if it.set == "mtt"]):
+            if any(not o.ok for o in outcomes):
+                break
+            ran, kept = run_stage(
+                executor,
+                functools.partial(evaluate_item, job),
+                items,
+                is_done=lambda it: isinstance(it, StudentItem) and _student_done(work, it, config),
+                desc="evaluate",
+            )
+            outcomes, skipped = outcomes + ran, skipped + kept
         summary = summarise(outcomes, skipped)
         results = {}
         if not summary["failed"]:
