@@ -109,7 +109,7 @@ def evaluate_student(job: EvalJob, item: StudentItem) -> dict:
     return {"rows": 1, "pairs": pairs}
 
 
-def distill_mtt(job: EvalJob, item: MttItem) -> dict:
+def distill_mtt(job: EvalJob) -> dict:
     """Work item: the MTT-VL baseline of the artifact at the job's N (resumable), saved to
     job.mtt."""
     art = load_artifact(job.artifact)
@@ -123,7 +123,7 @@ def distill_mtt(job: EvalJob, item: MttItem) -> dict:
 def evaluate_item(job: EvalJob, item: StudentItem | MttItem) -> dict:
     """Work item of either kind: the MTT distillation or one student."""
     if isinstance(item, MttItem):
-        return distill_mtt(job, item)
+        return distill_mtt(job)
     return evaluate_student(job, item)
 
 

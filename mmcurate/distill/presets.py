@@ -85,7 +85,13 @@ def _row(
     }
 
 
-_TINY = {"augment": False, "init": "distinct", "eta_param": "log"}
+_TINY = {
+    "iterations": 300,
+    "expert_epochs": 2,
+    "augment": False,
+    "init": "distinct",
+    "eta_param": "log",
+}
 # The published rows are the reference's sh/distill_{flickr,coco}_lors_{100,200,500}.sh.
 PRESETS: dict[str, dict[str, Any]] = {
     "flickr-100": _row(99, 100, 10, 10, 3, 20),
@@ -97,20 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # mmcurate's own, for the tiny built-in students: η in log space (the published linear η
     # goes negative within the first iterations there), distinct, clean initial images, and a
     # two-epoch target (bench_lors_margin.py: margin over random -0.37 with one epoch at lr 300).
-    "tiny": _row(
-        20,
-        100,
-        0.3,
-        4,
-        1,
-        10,
-        expert_epochs=2,
-        iterations=300,
-        warmup=50,
-        lr_txt=30,
-        lr_lr=3e-3,
-        **_TINY,
-    ),
+    "tiny": _row(20, 100, 0.3, 4, 1, 10, warmup=50, lr_txt=30, lr_lr=3e-3, **_TINY),
 }
 MATCHING = ("tesla", "full")
 
