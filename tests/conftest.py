@@ -8,7 +8,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
+
+from mmcurate.data.uid import sample_uid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -60,3 +63,17 @@ def embed_args(src, out, *extra) -> list[str]:
         "0",
         *extra,
     ]
+
+
+def meta_table(stem: str, n: int) -> pa.Table:
+    """A store stem's metadata for n synthetic rows: keys 000000…, their uids, captions."""
+    keys = [f"{i:06d}" for i in range(n)]
+    return pa.table(
+        {
+            "uid": [sample_uid(stem, k) for k in keys],
+            "key": keys,
+            "caption": [f"caption {k}" for k in keys],
+            "url": [None] * n,
+            "shard": [stem] * n,
+        }
+    )

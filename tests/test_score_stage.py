@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import meta_table
 
 from mmcurate.cli.main import Group
 from mmcurate.cli.score_cmd import score
@@ -21,7 +22,6 @@ from mmcurate.curate.scores import negclip_scores
 from mmcurate.curate.targets import load_target
 from mmcurate.curate.windows import WindowRows, plan_windows, window_items
 from mmcurate.data.store import write_stem
-from mmcurate.data.uid import sample_uid
 from mmcurate.engine import LocalExecutor
 from mmcurate.errors import UsageError
 
@@ -38,19 +38,6 @@ def pairs(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray, np.ndar
     txt = img + rng.uniform(0.2, 2.0, (n, 1)) * rng.standard_normal((n, d)) / math.sqrt(d)
     return img.astype(np.float16), (txt / np.linalg.norm(txt, axis=1, keepdims=True)).astype(
         np.float16
-    )
-
-
-def meta_table(stem: str, n: int) -> pa.Table:
-    keys = [f"{i:06d}" for i in range(n)]
-    return pa.table(
-        {
-            "uid": [sample_uid(stem, k) for k in keys],
-            "key": keys,
-            "caption": [f"caption {k}" for k in keys],
-            "url": [None] * n,
-            "shard": [stem] * n,
-        }
     )
 
 

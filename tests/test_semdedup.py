@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import meta_table
 
 from mmcurate.curate.dedup_plan import DedupConfig
 from mmcurate.curate.dedup_stage import run_semdedup, semdedup_values
@@ -16,7 +17,6 @@ from mmcurate.curate.semdedup import earlier_max, member_order, unit_rows
 from mmcurate.curate.validity import valid_rows
 from mmcurate.data.skips import DUPLICATE_UID, NONFINITE_EMBEDDING
 from mmcurate.data.store import write_stem
-from mmcurate.data.uid import sample_uid
 from mmcurate.engine import LocalExecutor
 from mmcurate.errors import ShardError, UsageError
 
@@ -48,19 +48,9 @@ def write_store(root: Path, x: np.ndarray, sizes: list[int], txt: np.ndarray | N
     stems, start = [], 0
     for i, size in enumerate(sizes):
         stem = f"{i:05d}"
-        keys = [f"{j:06d}" for j in range(size)]
-        meta = pa.table(
-            {
-                "uid": [sample_uid(stem, k) for k in keys],
-                "key": keys,
-                "caption": ["a caption"] * size,
-                "url": [None] * size,
-                "shard": [stem] * size,
-            }
-        )
         arrays = {"img": x[start : start + size].astype(np.float16)}
         arrays["txt"] = (txt if txt is not None else x)[start : start + size].astype(np.float16)
-        write_stem(root, stem, meta, arrays, {})
+        write_stem(root, stem, meta_table(stem, size), arrays, {})
         stems.append(stem)
         start += size
     return stems
