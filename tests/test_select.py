@@ -428,6 +428,43 @@ def test_normsim_d_via_cli_and_missing_store_stem(tmp_path):
     assert bad.exit_code == 2 and "lacks stem(s)" in bad.output
 
 
+def test_normsim_d_memory_budget_changes_reads_not_the_subset(tmp_path):
+    """A budget below the pool makes NormSim-D re-read rows from the store on later passes;
+    the subset is the one the default budget gives, and a size that is not one is refused."""
+    store, scores_dir, _, _, _ = _small_store(tmp_path)
+    args = ["select", str(scores_dir), "--keep", "normsim_d:0.25", "--store", str(store)]
+    args += ["--normsim-d-iters", "20"]
+    runs = {}
+    for name, extra in {"default": [], "small": ["--normsim-d-memory", "0.5KiB"]}.items():
+        out = tmp_path / f"{name}.npy"
+        ok = CliRunner().invoke(CLI, [*args, "--out", str(out), *extra])
+        assert ok.exit_code == 0, ok.output
+        reads = json.loads(out.with_suffix(".json").read_text())["stages"][0]["reads"]
+        runs[name] = (np.load(out, allow_pickle=False), reads)
+    assert np.array_equal(runs["small"][0], runs["default"][0])
+    assert runs["small"][1]["memory_bytes"] == 512
+    assert runs["small"][1]["passes"] > runs["default"][1]["passes"]
+    assert runs["small"][1]["bytes"] > runs["default"][1]["bytes"]
+    bad = CliRunner().invoke(
+        CLI, [*args, "--out", str(tmp_path / "x.npy"), "--normsim-d-memory", "lots"]
+    )
+    assert bad.exit_code == 2 and "--normsim-d-memory" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "text,expected", [("8GiB", 8 * 2**30), ("500MB", 5 * 10**8), ("1048576", 2**20), ("1.5k", None)]
+)
+def test_parse_memory(text, expected):
+    from mmcurate.curate.normsim_d import parse_memory
+
+    if expected is None:
+        with pytest.raises(UsageError):
+            parse_memory(text)
+    else:
+        assert parse_memory(text) == expected
+
+
 def test_write_subset_refuses_wrong_dtype(tmp_path):
     with pytest.raises(ValueError):
         write_subset(tmp_path / "x.npy", np.zeros(3, dtype=np.uint64), {})

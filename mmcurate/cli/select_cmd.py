@@ -57,6 +57,12 @@ def _stage_line(stage: dict) -> str:
     show_default=True,
 )
 @click.option(
+    "--normsim-d-memory",
+    default=default(SelectConfig, "normsim_d_memory"),
+    help="Embeddings NormSim-D may hold in memory, e.g. 8GiB; beyond it rows are re-read "
+    "from the store on each pass. Default: a quarter of RAM, at most 64 GiB.",
+)
+@click.option(
     "--img-key",
     default=default(SelectConfig, "img_key"),
     help="Image array in the store (normsim_d). Default: detected as by score.",

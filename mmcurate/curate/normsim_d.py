@@ -5,6 +5,7 @@ record says how often the pool was read and how many bytes."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +14,21 @@ import numpy as np
 from mmcurate.curate.pool import Pool
 from mmcurate.curate.rules import NORMSIM_D, Rule, keep_count
 from mmcurate.data.uid import hex_to_pairs, pair_order
-from mmcurate.errors import ShardError
+from mmcurate.errors import ShardError, UsageError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def parse_memory(text: str) -> int:
+    """A memory size such as 8GiB, 500MB or 4096 (bytes), as a positive number of bytes."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = found.group(2).lower() if found else None
+    if unit not in _UNITS or not float(found.group(1)) * _UNITS[unit] >= 1:
+        raise UsageError(
+            f"--normsim-d-memory must be a size such as 8GiB, 500MB or a byte count, got {text!r}"
+        )
+    return int(float(found.group(1)) * _UNITS[unit])
 
 
 class StemRows:
@@ -91,8 +106,10 @@ def normsim_d_stage(
     img_key: str,
     iters: int,
     seed: int,
+    memory_bytes: int | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """NormSim-D over the survivors, whose embeddings are read stem by stem from the store."""
+    """NormSim-D over the survivors, whose embeddings are read stem by stem from the store;
+    `memory_bytes` caps the rows it holds (default: a quarter of RAM, at most 64 GiB)."""
     target = keep_count(rule.fraction, len(pool.pairs))
     record: dict[str, Any] = {
         "rule": rule.text,
@@ -119,7 +136,12 @@ def normsim_d_stage(
         ]
         chunks = SurvivorChunks(store, img_key, groups)
         mask, reads = normsim_d_run(
-            chunks, target, num_iters=iters, seed=seed, uids=pool.pairs[survivors]
+            chunks,
+            target,
+            num_iters=iters,
+            seed=seed,
+            uids=pool.pairs[survivors],
+            memory_bytes=memory_bytes,
         )
         if mask.shape != survivors.shape:
             raise ShardError(f"normsim_d returned {mask.shape[0]} flags for {len(survivors)} rows")

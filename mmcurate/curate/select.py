@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mmcurate.curate.normsim_d import normsim_d_stage
+from mmcurate.curate.normsim_d import normsim_d_stage, parse_memory
 from mmcurate.curate.pool import find_sidecars, is_metadata, open_pool, sidecar_rows, sidecar_stem
 from mmcurate.curate.rules import EXACT, NORMSIM_D, TIES, apply_rule, parse_rule
 from mmcurate.data.subset import load_subset, write_subset
@@ -23,8 +23,8 @@ DEFAULT_RECIPE = ("negclip:0.3", "normsim_inf:0.2")
 class SelectConfig:
     """Options of `mmcurate select`: the --keep rules in order (none: DEFAULT_RECIPE), how a
     fraction rule cuts ties (exact count or DataComp's threshold rule), subset files to
-    combine, and the store, image key (None: detected), iterations and seed of a NormSim-D
-    stage."""
+    combine, and the store, image key (None: detected), iterations, memory budget (None: a
+    quarter of RAM, at most 64 GiB) and seed of a NormSim-D stage."""
 
     keep: tuple[str, ...] = ()
     ties: str = EXACT
@@ -33,6 +33,7 @@ class SelectConfig:
     store: str | None = None
     img_key: str | None = None
     normsim_d_iters: int = 500
+    normsim_d_memory: str | None = None
     seed: int = 0
 
 
@@ -50,6 +51,7 @@ def select(
     parsed = [parse_rule(r) for r in (rules or (DEFAULT_RECIPE if scores_dir else ()))]
     if config.normsim_d_iters < 1:
         raise UsageError("--normsim-d-iters must be at least 1")
+    memory = None if config.normsim_d_memory is None else parse_memory(config.normsim_d_memory)
     uses_d = any(r.metric == NORMSIM_D for r in parsed)
     if uses_d and store is None:
         raise UsageError("--keep normsim_d needs --store STORE (the embedding store)")
@@ -78,7 +80,14 @@ def select(
         for rule in parsed:
             if rule.metric == NORMSIM_D:
                 kept, record = normsim_d_stage(
-                    rule, pool, np.flatnonzero(alive), store, img_key, config.normsim_d_iters, seed
+                    rule,
+                    pool,
+                    np.flatnonzero(alive),
+                    store,
+                    img_key,
+                    config.normsim_d_iters,
+                    seed,
+                    memory,
                 )
                 alive = np.zeros(n, dtype=bool)
                 alive[kept] = True
