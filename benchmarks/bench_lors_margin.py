@@ -71,6 +71,7 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
     from mmcurate.distill.evaluate import (
         artifact_set,
         evaluate_small_set,
+        expert_recall,
         full_set,
         mtt_artifact,
         random_set,
@@ -78,6 +79,7 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
         summarize_students,
     )
     from mmcurate.engine import LocalExecutor
+    from mmcurate.metrics.retrieval import mean_recall
 
     torch.set_num_threads(1)
     began = time.perf_counter()
@@ -102,6 +104,10 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
         config = resolve_config("tiny", **{**demo, **overrides(args.set)})
         art = distill(train, buffers, config, progress=False)
         mtt = mtt_artifact(art, train, buffers, progress=False)
+        experts = [
+            float(np.mean([mean_recall(r) for r in expert_recall(buffers, test, epoch)]))
+            for epoch in range(buffers.epochs + 1)
+        ]
     ev = EvalConfig(num_eval=3, epochs=100, seed=seed)
     results = {
         "LoRS-20": evaluate_small_set(artifact_set(art), test, ev, progress=False),
@@ -118,6 +124,8 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
         "seed": seed,
         "seconds": round(time.perf_counter() - began, 1),
         "lr": [art["lr_img"], art["lr_txt"]],
+        "targets": [config.expert_epochs, config.max_start_epoch - 1 + config.expert_epochs],
+        "experts": experts,
         "sets": {
             name: {"mean_recall": r["mean_recall"], **{k: r["summary"][k]["mean"] for k in KEYS}}
             for name, r in results.items()
@@ -185,6 +193,13 @@ def main() -> None:
             f"{r['seconds']:.0f} s"
         )
     print("\n" + table(rows))
+    experts = np.mean([r["experts"] for r in rows], axis=0)
+    first, last = rows[0]["targets"]
+    print(
+        "\nthe experts' own mean R@K after each buffer epoch (mean over experts and seeds; "
+        f"the matched segments end at epochs {first}-{last}):\n"
+        + ", ".join(f"epoch {e} {v:.2f}" for e, v in enumerate(experts))
+    )
     margins = [
         r["sets"]["LoRS-20"]["mean_recall"] - r["sets"]["random-20"]["mean_recall"] for r in rows
     ]

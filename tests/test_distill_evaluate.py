@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from mmcurate.distill.augment import CLIP_MEAN, CLIP_STD
-from mmcurate.distill.buffers import derive_seed
+from mmcurate.distill.buffers import Buffers, derive_seed
 from mmcurate.distill.data import PairSet
 from mmcurate.distill.evaluate import (
     EvalConfig,
     SmallSet,
     evaluate_small_set,
+    expert_recall,
     random_set,
     train_student,
 )
@@ -177,3 +178,21 @@ def test_random_baseline_draws_a_new_subset_per_student_apart_from_the_init():
     assert torch.equal(again.texts, random_set(art, train, 5, seed=2, k=1).texts)
     with pytest.raises(UsageError, match="fewer than N = 41"):
         pick_init_pairs(train, 41, seed=0)
+
+
+def test_expert_recall_scores_each_snapshot_as_its_own_module(tmp_path):
+    """A buffer whose snapshots are two differently seeded students: the recall at epoch 1
+    is the second student's, scored through the module itself."""
+    students = [build_student(ARCH["image_encoder"], 12, 16, seed) for seed in (5, 6)]
+    flats = [s.flat() for s in students]
+    meta = {**ARCH, "epochs": 1}
+    expert = {
+        "image": torch.stack([f[0] for f in flats]),
+        "text": torch.stack([f[1] for f in flats]),
+    }
+    buffers = Buffers(tmp_path, meta, [expert, expert])
+    test = _test_pairs()
+    at_one = expert_recall(buffers, test, 1)
+    assert at_one == [_hand_recall(students[1], test)] * 2
+    assert expert_recall(buffers, test, 0)[0] == _hand_recall(students[0], test)
+    assert at_one[0] != expert_recall(buffers, test, 0)[0]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils import vector_to_parameters
 
 from mmcurate.distill.artifact import artifact_config_of, similarity_matrix
 from mmcurate.distill.buffers import Buffers, derive_seed
@@ -178,6 +179,24 @@ def student_recall(
     if checkpoints:
         result["best_on_test"] = best_checkpoint(checkpoints)
     return result
+
+
+def expert_recall(
+    buffers: Buffers, test: PairSet, epoch: int, device: torch.device | str = "cpu"
+) -> list[dict[str, float]]:
+    """Test recall of every expert at one buffer epoch: what a distilled set that matches the
+    segments ending there imitates, so roughly the most it can give."""
+    meta = buffers.meta
+    student = build_student(meta["image_encoder"], meta["text_dim"], meta["image_size"], 0, device)
+    recalls = []
+    for index in range(len(buffers.experts)):
+        p_img, p_txt, _, _ = buffers.segment(index, epoch, 0)
+        with torch.no_grad():
+            vector_to_parameters(p_img.to(device, torch.float32), student.image.parameters())
+            vector_to_parameters(p_txt.to(device, torch.float32), student.text.parameters())
+        img, txt = embed_test(student, test, meta["mean"], meta["std"], torch.device(device))
+        recalls.append(retrieval_recall(img, txt, test.image_index))
+    return recalls
 
 
 def best_checkpoint(checkpoints: list[dict[str, float]]) -> dict[str, float]:
