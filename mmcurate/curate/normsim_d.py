@@ -109,7 +109,7 @@ def normsim_d_stage(
     memory_bytes: int | None = None,
 ) -> tuple[np.ndarray, dict]:
     """NormSim-D over the survivors, whose embeddings are read stem by stem from the store;
-    `memory_bytes` caps the rows it holds (default: a quarter of RAM, at most 64 GiB)."""
+    `memory_bytes` caps the rows it holds (None: `default_memory_bytes()`)."""
     target = keep_count(rule.fraction, len(pool.pairs))
     record: dict[str, Any] = {
         "rule": rule.text,

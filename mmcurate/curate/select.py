@@ -23,8 +23,8 @@ DEFAULT_RECIPE = ("negclip:0.3", "normsim_inf:0.2")
 class SelectConfig:
     """Options of `mmcurate select`: the --keep rules in order (none: DEFAULT_RECIPE), how a
     fraction rule cuts ties (exact count or DataComp's threshold rule), subset files to
-    combine, and the store, image key (None: detected), iterations, memory budget (None: a
-    quarter of RAM, at most 64 GiB) and seed of a NormSim-D stage."""
+    combine, and the store, image key (None: detected), iterations, memory budget (None:
+    NormSim-D's default) and seed of a NormSim-D stage."""
 
     keep: tuple[str, ...] = ()
     ties: str = EXACT

@@ -114,7 +114,7 @@ def distill_mtt(job: EvalJob) -> dict:
     job.mtt."""
     art = load_artifact(job.artifact)
     train = load_pairs(job.train, **job.load)
-    buffers = load_buffers(job.buffers or art["config"]["buffers"])
+    buffers = load_buffers(job.buffers)
     dev = resolve_device(job.device)
     mtt_artifact(art, train, buffers, dev, job.mtt, progress=job.progress, pairs=job.pairs)
     return {"rows": 1, "pairs": job.pairs}
@@ -218,17 +218,18 @@ def run_evaluate(
                 f"the full baseline trains with an N×N target matrix; {train_pairs.n_pairs} "
                 f"pairs exceed {FULL_BASELINE_LIMIT} (drop 'full')"
             )
-    if "mtt" in sets:
+    mtt_buffers = str(buffers or cfg["buffers"]) if "mtt" in sets else None
+    if mtt_buffers is not None:
         mtt_out = mtt_out or Path(artifact).with_name(
             Path(artifact).name.removesuffix(".pt") + f".mtt{n}.pt"
         )
-        expert_paths(buffers or cfg["buffers"])
+        expert_paths(mtt_buffers)
     with ExitStack() as stack:
         work = Path(out) if out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         job = EvalJob(
             artifact=str(artifact),
             mtt=str(mtt_out) if mtt_out else None,
-            buffers=str(buffers) if buffers else None,
+            buffers=mtt_buffers,
             progress=progress,
             train=train,
             test=absolute_data(test),
