@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from mmcurate.data.atomic import atomic_path, save_npz_atomic
+from mmcurate.data.atomic import atomic_path, save_npz_atomic, torch_save_atomic
 from mmcurate.data.shard_writer import write_shard
 from mmcurate.data.shards import expand_sources, iter_samples, shard_stem
 from mmcurate.data.store import finished_stems, read_arrays, read_meta, read_stem, write_stem
@@ -167,6 +167,19 @@ def test_unfinished_stems_are_left_out_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="unfinished stem"):
         assert finished_stems(tmp_path) == ["a"]
     assert read_meta(tmp_path, "a").num_rows == 1
+
+
+def test_torch_save_atomic_gives_the_same_bytes_every_time(tmp_path):
+    import torch
+
+    obj = {"x": torch.arange(6.0).reshape(2, 3), "n": 3}
+    first, again = tmp_path / "a" / "x.pt", tmp_path / "b" / "x.pt"
+    for path in (first, again):
+        path.parent.mkdir()
+        torch_save_atomic(obj, path)
+    assert first.read_bytes() == again.read_bytes()
+    loaded = torch.load(again, weights_only=True)
+    assert torch.equal(loaded["x"], obj["x"]) and loaded["n"] == 3
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -71,8 +71,10 @@ def write_parquet_atomic(path: str | os.PathLike, table: Any) -> None:
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save atomically, so a kill never leaves a truncated checkpoint."""
+    """torch.save atomically, so a kill never leaves a truncated checkpoint; the same object
+    gives the same bytes under any name (torch names the archive inside after a path, so the
+    temporary name is kept out by saving through a file object)."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)

@@ -26,6 +26,7 @@ from mmcurate.distill.augment import (
     protocol_meta,
 )
 from mmcurate.distill.data import PairSet, from_cache, memory_stem, prepare_pairs, save_pairs
+from mmcurate.distill.heap import keep_freed_heap
 from mmcurate.distill.losses import symmetric_ce
 from mmcurate.distill.sources import absolute_data
 from mmcurate.distill.students import build_student, canonical_image_encoder, normalize_images
@@ -92,6 +93,7 @@ def expert_trajectory(
     pairs: PairSet, config: BufferConfig, index: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train expert `index` with symmetric CE; its flat parameters at init and after each epoch."""
+    keep_freed_heap()
     device = torch.device(device)
     seed = derive_seed(config.seed, index)
     student = build_student(

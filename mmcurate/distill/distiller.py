@@ -16,6 +16,7 @@ from mmcurate.distill.buffers import Buffers, derive_seed, load_buffers
 from mmcurate.distill.checkpoint import checkpoint_path, restore, state
 from mmcurate.distill.data import PairSet, load_pairs
 from mmcurate.distill.export import export_artifact
+from mmcurate.distill.heap import keep_freed_heap
 from mmcurate.distill.losses import get_loss
 from mmcurate.distill.matching import MATCHERS, Segment, SyntheticSet
 from mmcurate.distill.presets import DistillConfig
@@ -149,6 +150,7 @@ def distill(
     With `out`, a checkpoint is written atomically every `save_every` iterations and the
     artifact at the end; `resume` continues from the checkpoint of an earlier run.
     """
+    keep_freed_heap()
     device = torch.device(device)
     _check_buffers(buffers, config, pairs)
     cfg = artifact_config(config, buffers, extra_config or {})

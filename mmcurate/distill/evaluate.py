@@ -22,6 +22,7 @@ from mmcurate.distill.artifact import artifact_config_of, similarity_matrix
 from mmcurate.distill.buffers import Buffers, derive_seed
 from mmcurate.distill.data import PairSet
 from mmcurate.distill.distiller import SAVE_EVERY, distill
+from mmcurate.distill.heap import keep_freed_heap
 from mmcurate.distill.losses import get_loss
 from mmcurate.distill.presets import mtt_config
 from mmcurate.distill.sampling import pick_init_pairs
@@ -102,6 +103,7 @@ def train_student(
 ) -> Student:
     """SGD with momentum and weight decay, lr ×0.1 from the schedule's decay epoch, S
     sub-blocks; `on_test(epoch)` runs after each of the schedule's test epochs."""
+    keep_freed_heap()
     device = torch.device(device)
     if small.lr_img <= 0 or small.lr_txt <= 0:
         raise MmcurateError(
