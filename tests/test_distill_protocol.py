@@ -20,7 +20,7 @@ from mmcurate.distill.augment import (
 )
 from mmcurate.distill.buffers import BufferConfig, derive_seed, expert_trajectory, load_buffers
 from mmcurate.distill.data import PairSet, pairs_from_arrays
-from mmcurate.distill.distiller import distill
+from mmcurate.distill.distiller import distill, initial_images
 from mmcurate.distill.presets import resolve_config
 from mmcurate.distill.sampling import expert_for, mini_batches, pick_init_pairs, start_epoch
 from mmcurate.distill.students import Student, normalize_images
@@ -199,6 +199,22 @@ def test_initial_pairs_random_or_distinct_images():
         repeats += len(set(index[chosen].tolist())) < 8
         assert len(set(index[pick_init_pairs(pairs, 8, seed, "distinct")].tolist())) == 8
     assert repeats > 10  # 8 of 50 captions of 10 images almost always share an image
+
+
+def test_initial_images_are_augmented_as_the_experts_unless_turned_off(pairs):
+    chosen = np.arange(6)
+    meta = {"mean": REFERENCE_MEAN, "std": REFERENCE_STD}
+    plain = normalize_images(pairs.pixels(chosen), REFERENCE_MEAN, REFERENCE_STD)
+    off = initial_images(pairs, chosen, resolve_config("tiny", augment=False, seed=3), meta)
+    assert torch.equal(off, plain)
+    on = initial_images(pairs, chosen, resolve_config("tiny", augment=True, seed=3), meta)
+    again = initial_images(pairs, chosen, resolve_config("tiny", augment=True, seed=3), meta)
+    other = initial_images(pairs, chosen, resolve_config("tiny", augment=True, seed=4), meta)
+    assert on.shape == plain.shape and torch.equal(on, again)
+    changed = [not torch.equal(a, b) for a, b in zip(on, plain)]
+    assert sum(changed) == len(chosen)  # every image cropped (scale < 1 almost surely)
+    assert not torch.equal(on, other)  # the draws follow the seed
+    assert resolve_config("flickr-100").augment and not resolve_config("coco-500").augment
 
 
 def test_distill_loop_draws_as_the_reference(pairs, tmp_path, monkeypatch):
