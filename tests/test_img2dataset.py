@@ -93,7 +93,7 @@ def test_embed_keeps_img2dataset_uids_and_derives_malformed_ones(tmp_path, shard
 def test_embed_summary_counts_uids_per_source(tmp_path, shards):
     paths, _ = shards
     summary = tmp_path / "summary.json"
-    invoke(
+    result = invoke(
         "embed",
         *paths,
         "--out",
@@ -107,6 +107,8 @@ def test_embed_summary_counts_uids_per_source(tmp_path, shards):
     )
     counts = json.loads(summary.read_text()).get("uid_sources")
     assert counts == {"json": 3 * PER_SHARD - len(MALFORMED), "malformed_uid": len(MALFORMED)}
+    printed = f"uids by source: json {counts['json']}, malformed_uid {len(MALFORMED)}"
+    assert printed in result.output
 
 
 def test_selected_subset_reshards_into_img2dataset_layout(tmp_path, shards):

@@ -64,6 +64,11 @@ def executor_options(fn: Callable) -> Callable:
     return wrapper
 
 
+def counts_line(counts: dict[str, int]) -> str:
+    """`reason n, reason n`: a tally on one line."""
+    return ", ".join(f"{reason} {n}" for reason, n in counts.items())
+
+
 def print_summary(title: str, summary: dict, extra: dict | None = None) -> None:
     """A one-screen end summary: items, samples, skips by reason, failures with reasons."""
     done, already, failed = summary["done"], summary["already_done"], summary["failed"]

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from mmcurate.cli.common import default, executor_options, finish, print_summary
+from mmcurate.cli.common import counts_line, default, executor_options, finish, print_summary
 from mmcurate.embed.decode import DECODERS
 from mmcurate.embed.stage import MODALITIES, EmbedConfig, run_embed
 
@@ -67,5 +67,7 @@ def embed(
     config = EmbedConfig(model, text_model, modality, batch_size, device, decode_workers, decode)
     summary = run_embed(src, out, config, executor)
     extra = {"store": os.path.abspath(out), "model": model, "threads": summary["threads"]}
+    if summary.get("uid_sources"):
+        extra["uids by source"] = counts_line(summary["uid_sources"])
     print_summary("mmcurate embed", summary, extra)
     finish(summary, json_path)

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import click
 
-from mmcurate.cli.common import default, executor_options, finish, print_summary
+from mmcurate.cli.common import counts_line, default, executor_options, finish, print_summary
 from mmcurate.curate.reshard import ReshardConfig, reshard
 from mmcurate.curate.rules import TIES
 from mmcurate.curate.select import DEFAULT_RECIPE, SelectConfig, run_select
 from mmcurate.data.atomic import write_json_atomic
 from mmcurate.data.subset import record_path
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{reason} {n}" for reason, n in counts.items())
 
 
 def _stage_line(stage: dict) -> str:
@@ -125,9 +121,9 @@ def reshard_cmd(src, subset, out, shard_size, json_path, executor) -> None:
     if summary["renamed_keys"]:
         lines["keys renamed to avoid a clash in a shard"] = summary["renamed_keys"]
     if summary.get("skipped"):
-        lines["samples skipped (not copied)"] = _counts(summary["skipped"])
+        lines["samples skipped (not copied)"] = counts_line(summary["skipped"])
     if summary.get("uid_sources"):
-        lines["uids of the samples read"] = _counts(summary["uid_sources"])
+        lines["uids of the samples read"] = counts_line(summary["uid_sources"])
     lines["layout"] = "img2dataset (NNNNN.tar + .parquet + _stats.json), sizes.json"
     if summary.get("already_complete"):
         click.echo("\nmmcurate reshard: already complete (same subset, sources and shard size)")
