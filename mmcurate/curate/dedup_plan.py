@@ -1,5 +1,6 @@
-"""Settings of the SemDeDup stage: the user's `DedupConfig` (every default, once) and the
-`DedupJob` it resolves to after a scan of the store that writes nothing."""
+"""Settings of the SemDeDup stage: the user's `DedupConfig` (every default, once), the
+`DedupJob` it resolves to after a scan of the store that writes nothing, and the JSON markers
+that tell each phase what is already done."""
 
 from __future__ import annotations
 
@@ -188,3 +189,20 @@ def plan_semdedup(
         signature=sha256_hex(json.dumps(settings, sort_keys=True).encode()),
     )
     return job, scanned, failed
+
+
+def read_marker(path: Path) -> dict | None:
+    """A JSON marker's content, or None when it is missing or unreadable."""
+    try:
+        marker = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def current_marker(data: Path, marker: Path, **expect: Any) -> dict | None:
+    """The marker when its data file exists and it records every expected value; else None."""
+    found = read_marker(marker)
+    if found is None or not data.exists():
+        return None
+    return found if all(found.get(k) == v for k, v in expect.items()) else None

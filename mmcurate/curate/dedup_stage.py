@@ -3,8 +3,9 @@
 Phases, each resumable, each heavy one on the executor:
 1. scan (here): the rows the score stage scores (`validity.valid_rows` over the given npz keys),
    stem by stem from memory maps; nothing is written, so bad options are refused before work;
-2. k-means (one work item): spherical FAISS k-means on a seeded sample of at most `train` rows;
-3. assign (one item per stem): each row's nearest centroid and its cosine to it;
+2. k-means (one work item, in `dedup_kmeans`): spherical FAISS k-means on a seeded sample of
+   at most `train` rows;
+3. assign (one item per stem, in `dedup_kmeans`): each row's nearest centroid and its cosine;
 4. members (here): every row's id grouped by cluster, one memory-mappable file;
 5. clusters (items of consecutive clusters): each cluster's rows gathered by id, ordered, and
    each member's largest cosine to an earlier member (`semdedup.earlier_max`);
@@ -31,42 +32,31 @@ from typing import Any
 
 import numpy as np
 
+from mmcurate.curate.dedup_kmeans import (
+    AssignItem,
+    KmeansItem,
+    assign_current,
+    assign_stem,
+    centroids_sha,
+    train_kmeans,
+)
 from mmcurate.curate.dedup_plan import (
     DedupConfig,
     DedupJob,
+    current_marker,
     plan_semdedup,
+    read_marker,
     sha256_hex,
-    stem_rows,
 )
 from mmcurate.curate.semdedup import (
     earlier_max,
     member_order,
-    nearest_centroid,
-    train_centroids,
     unit_rows,
 )
-from mmcurate.data.atomic import atomic_path, save_npy_atomic, save_npz_atomic, write_json_atomic
+from mmcurate.data.atomic import atomic_path, save_npy_atomic, write_json_atomic
 from mmcurate.data.store import read_arrays
 from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import ShardError
-
-READ_BLOCK = 65536  # rows read and assigned at a time
-
-
-@dataclass(frozen=True)
-class KmeansItem:
-    """The one k-means work item."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class AssignItem:
-    """Assign one stem's rows to their nearest centroid."""
-
-    name: str
-    index: int
-    stem: str
 
 
 @dataclass(frozen=True)
@@ -78,25 +68,6 @@ class ClusterItem:
     last: int
 
 
-# --------------------------------------------------------------------------- files
-
-
-def _read_marker(path: Path) -> dict | None:
-    try:
-        marker = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return marker if isinstance(marker, dict) else None
-
-
-def _current(data: Path, marker: Path, **expect: Any) -> dict | None:
-    """The marker when its data file exists and it records every expected value; else None."""
-    found = _read_marker(marker)
-    if found is None or not data.exists():
-        return None
-    return found if all(found.get(k) == v for k, v in expect.items()) else None
-
-
 def _values_paths(work: str | os.PathLike, stem: str) -> tuple[Path, Path]:
     return Path(work, "values", f"{stem}.npy"), Path(work, "values", f"{stem}.json")
 
@@ -105,7 +76,7 @@ def semdedup_values(work_dir: str | os.PathLike, stem: str, key: str | None = No
     """A stem's semdedup values (float32, aligned with its valid rows in store order);
     ShardError when absent, or when `key` is given and the values were made with other inputs."""
     data, marker = _values_paths(work_dir, stem)
-    found = _current(data, marker, **({"key": key} if key is not None else {}))
+    found = current_marker(data, marker, **({"key": key} if key is not None else {}))
     if found is None:
         raise ShardError(f"{stem}: no current semdedup values in {work_dir}")
     values = np.load(data, allow_pickle=False)
@@ -115,61 +86,6 @@ def semdedup_values(work_dir: str | os.PathLike, stem: str, key: str | None = No
 
 
 # --------------------------------------------------------------------------- work items
-
-
-def train_kmeans(job: DedupJob, item: KmeansItem) -> dict:
-    """Draw the seeded training sample, read it stem by stem, train and save the centroids."""
-    n = int(job.offsets[-1])
-    m = min(job.train, n)
-    sample = np.sort(np.random.default_rng(job.seed).choice(n, m, replace=False))
-    x = np.empty((m, job.dim), dtype=np.float32)
-    bounds = np.searchsorted(sample, job.offsets)
-    for index in range(len(job.stems)):
-        lo, hi = bounds[index], bounds[index + 1]
-        if lo < hi:
-            _, img, valid = stem_rows(job, index)
-            x[lo:hi] = unit_rows(img[valid[sample[lo:hi] - job.offsets[index]]])
-    centroids = train_centroids(x, job.clusters, iterations=job.iterations, seed=job.seed)
-    del x
-    save_npy_atomic(job.path("centroids.npy"), centroids)
-    sha = sha256_hex(job.path("centroids.npy").read_bytes())
-    write_json_atomic(
-        job.path("centroids.json"), {"signature": job.signature, "sha": sha, "rows": m}
-    )
-    return {"rows": m}
-
-
-def _centroids_sha(job: DedupJob) -> str | None:
-    found = _current(job.path("centroids.npy"), job.path("centroids.json"), signature=job.signature)
-    return found["sha"] if found else None
-
-
-def assign_stem(job: DedupJob, item: AssignItem) -> dict:
-    """Each scored row of a stem: its row, nearest centroid, cosine to it, and uid bytes."""
-    sha_c = _centroids_sha(job)
-    if sha_c is None:
-        raise ShardError(f"{item.stem}: no current centroids in {job.work}")
-    centroids = np.load(job.path("centroids.npy"), allow_pickle=False)
-    uids, img, valid = stem_rows(job, item.index)
-    cluster = np.empty(len(valid), dtype=np.int32)
-    cos = np.empty(len(valid), dtype=np.float64)
-    for r0 in range(0, len(valid), READ_BLOCK):
-        rows = valid[r0 : r0 + READ_BLOCK]
-        cluster[r0 : r0 + len(rows)], cos[r0 : r0 + len(rows)] = nearest_centroid(
-            unit_rows(img[rows]), centroids
-        )
-    uid_bytes = np.array([uids[r].encode() for r in valid], dtype=bytes)
-    arrays = {"rows": valid.astype(np.int64), "cluster": cluster, "cos": cos, "uid": uid_bytes}
-    data = job.path("assign", f"{item.stem}.npz")
-    save_npz_atomic(data, arrays)
-    marker = {"signature": job.signature, "centroids": sha_c, "sha": sha256_hex(data.read_bytes())}
-    write_json_atomic(job.path("assign", f"{item.stem}.json"), marker | {"rows": len(valid)})
-    return {"rows": len(valid)}
-
-
-def _assign_current(job: DedupJob, sha_c: str | None, item: AssignItem) -> bool:
-    data, marker = job.path("assign", f"{item.stem}.npz"), job.path("assign", f"{item.stem}.json")
-    return _current(data, marker, signature=job.signature, centroids=sha_c) is not None
 
 
 def _gather(job: DedupJob, members: np.ndarray) -> np.ndarray:
@@ -228,7 +144,7 @@ def _members_key(job: DedupJob) -> str:
     """Hash of the settings and every assign file's sha256: what the members depend on."""
     shas = []
     for stem in job.stems:
-        marker = _read_marker(job.path("assign", f"{stem}.json")) or {}
+        marker = read_marker(job.path("assign", f"{stem}.json")) or {}
         shas.append(marker.get("sha", ""))
     return sha256_hex(json.dumps([job.signature, shas]).encode())
 
@@ -236,7 +152,7 @@ def _members_key(job: DedupJob) -> str:
 def _build_members(job: DedupJob, key: str) -> dict:
     """members.npy (each row's stem, row, cosine, uid and global id, grouped by cluster, in
     global id order within one) and offsets.npy (K+1); kept when its marker matches `key`."""
-    found = _current(job.path("members.npy"), job.path("members.json"), key=key)
+    found = current_marker(job.path("members.npy"), job.path("members.json"), key=key)
     if found and job.path("offsets.npy").exists():
         return found
     offsets = job.offsets
@@ -360,7 +276,7 @@ def run_semdedup(
         executor,
         functools.partial(train_kmeans, job),
         [KmeansItem("kmeans")],
-        lambda item: _centroids_sha(job) is not None,
+        lambda item: centroids_sha(job) is not None,
         "semdedup kmeans",
         seconds,
         summary,
@@ -368,13 +284,13 @@ def run_semdedup(
     summary["train_rows"] = min(job.train, int(job.offsets[-1]))
     if not ok:
         return _finish(summary, job, None, [], start)
-    sha_c = _centroids_sha(job)
+    sha_c = centroids_sha(job)
     items = [AssignItem(stem, i, stem) for i, stem in enumerate(job.stems)]
     ok = _phase(
         executor,
         functools.partial(assign_stem, job),
         items,
-        functools.partial(_assign_current, job, sha_c),
+        functools.partial(assign_current, job, sha_c),
         "semdedup assign",
         seconds,
         summary,
@@ -396,7 +312,7 @@ def run_semdedup(
             functools.partial(dedup_clusters, job, key),
             items,
             lambda item: (
-                _current(
+                current_marker(
                     job.path("clusters", f"{item.name}.npy"),
                     job.path("clusters", f"{item.name}.json"),
                     key=key,
@@ -417,7 +333,7 @@ def run_semdedup(
 
 def _values_current(job: DedupJob, key: str, index: int) -> bool:
     data, marker = _values_paths(job.work, job.stems[index])
-    return _current(data, marker, key=key, rows=job.counts[index]) is not None
+    return current_marker(data, marker, key=key, rows=job.counts[index]) is not None
 
 
 def _finish(summary: dict, job: DedupJob, key: str | None, todo: list[int], start: float) -> dict:

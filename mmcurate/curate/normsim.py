@@ -27,6 +27,10 @@ __all__ = [
 ]
 
 
+PAIR_BLOCK = 2048  # candidates per block of the exact candidate-by-target matmuls
+TARGET_BLOCK = 8192  # targets per block of the same
+
+
 def gram(
     targets: Rows, block: int = DEFAULT_BLOCK, device: str | torch.device | None = None
 ) -> np.ndarray:
@@ -64,8 +68,8 @@ def normsim_p(
     x: Rows,
     targets: Rows,
     p: float,
-    block: int = 2048,
-    target_block: int = 8192,
+    block: int = PAIR_BLOCK,
+    target_block: int = TARGET_BLOCK,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
     """(Σ_t |tᵀx|^p)^(1/p) for any finite p > 0 by blocked matmul, never the full n×|T| matrix.
@@ -94,8 +98,8 @@ def normsim_p(
 def normsim_inf_exact(
     x: Rows,
     targets: Rows,
-    block: int = 2048,
-    target_block: int = 8192,
+    block: int = PAIR_BLOCK,
+    target_block: int = TARGET_BLOCK,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
     """max_t |tᵀx| by blocked torch matmul (the reference for recall and the benchmark)."""

@@ -283,7 +283,8 @@ def reshard(
     config: ReshardConfig,
     executor: Executor,
 ) -> dict[str, Any]:
-    """Write the subset's samples from the source shards into out_dir; returns the summary."""
+    """Write the subset's samples from the source shards into out_dir; returns the summary.
+    Its tasks copy bytes, so they run on `executor.cpu_only()` (no GPU held on Ray)."""
     shard_size = config.shard_size
     if shard_size < 1:
         raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
@@ -312,7 +313,7 @@ def reshard(
     job = PartJob(str(parts), str(parts / "subset.npy"), fingerprint)
     save_npy_atomic(job.subset, wanted)
     outcomes, skipped = run_stage(
-        executor,
+        executor.cpu_only(),
         functools.partial(filter_shard, job),
         items,
         is_done=functools.partial(part_is_done, job),

@@ -22,6 +22,12 @@ FAULT_COLOURS = {
     "duplicate": "#8172b3",
     "rare": "#55a868",
 }
+SET_LABELS = {
+    "distilled": "LoRS distilled",
+    "mtt": "MTT (S = I, CE)",
+    "random": "random real",
+    "full": "full subset",
+}
 
 
 def noise_mask(faults: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

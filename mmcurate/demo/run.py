@@ -26,6 +26,7 @@ from mmcurate.data.atomic import write_bytes_atomic, write_json_atomic
 from mmcurate.demo.faults import DemoSizes, corpus_paths, make_teacher_split, write_demo_corpus
 from mmcurate.demo.measure import KEEP, measure
 from mmcurate.demo.teacher import TeacherConfig, save_teacher, teacher_spec, train_teacher
+from mmcurate.distill.evaluate import EvalConfig
 
 DATA_VERSION = 3  # bump when the corpus or teacher code changes, so old demo data is remade
 STUDENT = {"image_encoder": "convnet-tiny", "text_encoder": "hf-text:mmc-tiny-bert"}
@@ -46,7 +47,7 @@ class DemoPlan:
     pairs: int = 20
     mini_batch: int = 10
     num_eval: int = 3
-    eval_epochs: int = 100
+    eval_epochs: int = EvalConfig.epochs
     reshard_size: int = 200
     workers: int = 2
 
@@ -199,8 +200,8 @@ def build_summary(measured: dict, data: dict, plan: DemoPlan, seed: int, extra: 
 def run_demo(
     out: str | os.PathLike,
     *,
-    scale: float = 1.0,
-    seed: int = 0,
+    scale: float,
+    seed: int,
     progress: bool = True,
     echo: Callable[[str], None] = click.echo,
     command: str = "mmcurate demo",

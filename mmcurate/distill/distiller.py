@@ -28,6 +28,18 @@ from mmcurate.errors import MmcurateError, UsageError
 from mmcurate.progress import progress_bar
 
 SAVE_EVERY = 100
+# What the data and the buffers must share, and the line that says they do not (data of an
+# unknown text encoder, "", is not checked).
+DATA_PINS = (
+    ("text_encoder", "the data's texts were encoded with {data!r}, the buffers' with {buffers!r}"),
+    (
+        "text_dim",
+        "the data's text features have dimension {data}, the buffers' {buffers}: use the "
+        "buffers' text encoder {encoder}",
+    ),
+    ("image_size", "the data's images are {data} px, the buffers' {buffers} px"),
+    ("resize", "the data's images were resized with {data!r}, the buffers' with {buffers!r}"),
+)
 
 
 def initial_images(
@@ -88,27 +100,13 @@ def _check_buffers(buffers: Buffers, config: DistillConfig, pairs: PairSet) -> N
             f" + --expert-epochs {config.expert_epochs} exceeds the {buffers.epochs} epochs of "
             "the buffers"
         )
-    if pairs.text_encoder and pairs.text_encoder != buffers.meta["text_encoder"]:
-        raise UsageError(
-            f"the data's texts were encoded with {pairs.text_encoder!r}, the buffers' with "
-            f"{buffers.meta['text_encoder']!r}"
-        )
-    if pairs.text_dim != buffers.meta["text_dim"]:
-        raise UsageError(
-            f"the data's text features have dimension {pairs.text_dim}, the buffers' "
-            f"{buffers.meta['text_dim']}: use the buffers' text encoder "
-            f"{buffers.meta['text_encoder']}"
-        )
-    if pairs.image_size != buffers.meta["image_size"]:
-        raise UsageError(
-            f"the data's images are {pairs.image_size} px, the buffers' "
-            f"{buffers.meta['image_size']} px"
-        )
-    if pairs.resize != buffers.meta["resize"]:
-        raise UsageError(
-            f"the data's images were resized with {pairs.resize!r}, the buffers' with "
-            f"{buffers.meta['resize']!r}"
-        )
+    meta = buffers.meta
+    for key, message in DATA_PINS:
+        ours = getattr(pairs, key)
+        if ours not in (None, "") and ours != meta[key]:
+            raise UsageError(
+                message.format(data=ours, buffers=meta[key], encoder=meta["text_encoder"])
+            )
 
 
 def artifact_config(config: DistillConfig, buffers: Buffers, extra: dict) -> dict[str, Any]:

@@ -96,6 +96,21 @@ def step_loss(
     return loss_fn(student.logits(p_img, p_txt, images[idx], texts[idx]), target)
 
 
+def step_grads(
+    student: Student,
+    loss_fn: LossFn,
+    syn: SyntheticSet,
+    p_img: Tensor,
+    p_txt: Tensor,
+    idx: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The gradients at (p_img, p_txt) of the loss on one mini-batch, kept in the graph of X,
+    Y and S so a matcher can differentiate through them."""
+    target = syn.sim.block(idx)
+    loss = step_loss(student, loss_fn, p_img, p_txt, syn.images, syn.texts, target, idx)
+    return torch.autograd.grad(loss, [p_img, p_txt], create_graph=True)
+
+
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -164,9 +179,7 @@ def match_tesla(
         _set_rng_state(rng, device)
         leaf_img = s_img.clone().requires_grad_(True)
         leaf_txt = s_txt.clone().requires_grad_(True)
-        target = syn.sim.block(idx)
-        loss = step_loss(student, loss_fn, leaf_img, leaf_txt, syn.images, syn.texts, target, idx)
-        g_img, g_txt = torch.autograd.grad(loss, [leaf_img, leaf_txt], create_graph=True)
+        g_img, g_txt = step_grads(student, loss_fn, syn, leaf_img, leaf_txt, idx)
         inner = (c_img * g_img).sum() + (c_txt * g_txt).sum()
         torch.autograd.backward(inner, inputs=inputs)
         s_img = s_img - eta_img * g_img.detach()
@@ -212,9 +225,7 @@ def match_first_order_graph(
     for idx in batches:
         leaf_img = p_img.clone().requires_grad_(True)
         leaf_txt = p_txt.clone().requires_grad_(True)
-        target = syn.sim.block(idx)
-        loss = step_loss(student, loss_fn, leaf_img, leaf_txt, syn.images, syn.texts, target, idx)
-        g_img, g_txt = torch.autograd.grad(loss, [leaf_img, leaf_txt], create_graph=True)
+        g_img, g_txt = step_grads(student, loss_fn, syn, leaf_img, leaf_txt, idx)
         g_img_sum = g_img_sum + g_img
         g_txt_sum = g_txt_sum + g_txt
         p_img = p_img - eta_img.detach() * g_img.detach()
@@ -238,9 +249,7 @@ def match_full(
     p_img = seg.start_img.detach().clone().requires_grad_(True)
     p_txt = seg.start_txt.detach().clone().requires_grad_(True)
     for idx in batches:
-        target = syn.sim.block(idx)
-        loss = step_loss(student, loss_fn, p_img, p_txt, syn.images, syn.texts, target, idx)
-        g_img, g_txt = torch.autograd.grad(loss, [p_img, p_txt], create_graph=True)
+        g_img, g_txt = step_grads(student, loss_fn, syn, p_img, p_txt, idx)
         p_img = p_img - eta_img * g_img
         p_txt = p_txt - eta_txt * g_txt
     _, _, n_img, n_txt = _norms(seg)

@@ -43,45 +43,18 @@ class DistillConfig:
         return asdict(self)
 
 
-def _row(
-    pairs,
-    lr,
-    lr_sim,
-    rank,
-    alpha,
-    mini_batch,
-    *,
-    max_start=2,
-    expert_epochs=1,
-    warmup=0,
-    lr_txt=None,
-    lr_lr=0.01,
-    iterations=3000,
-    merge=False,
-    temperature=0.07,
-    augment=True,
-    init="random",
-    eta_param="linear",
-) -> dict[str, Any]:
+def _row(pairs, lr, lr_sim, rank, alpha, mini_batch, *, lr_txt=None, **departures) -> dict:
+    """A preset: the six values every reference script sets, and where it departs from the
+    scripts' common settings, which are DistillConfig's defaults."""
     return {
         "pairs": pairs,
-        "iterations": iterations,
-        "syn_steps": 8,
-        "expert_epochs": expert_epochs,
-        "max_start_epoch": max_start,
         "lr_img": float(lr),
         "lr_txt": float(lr if lr_txt is None else lr_txt),
         "lr_sim": float(lr_sim),
         "rank": rank,
         "alpha": float(alpha),
         "mini_batch": mini_batch,
-        "lr_lr": float(lr_lr),
-        "warmup": warmup,
-        "merge_loss_branches": merge,
-        "temperature": float(temperature),
-        "augment": augment,
-        "init": init,
-        "eta_param": eta_param,
+        **departures,
     }
 
 
@@ -92,14 +65,15 @@ _TINY = {
     "init": "distinct",
     "eta_param": "log",
 }
+_COCO = {"merge_loss_branches": True}  # every COCO script passes --merge_loss_branches
 # The published rows are the reference's sh/distill_{flickr,coco}_lors_{100,200,500}.sh.
 PRESETS: dict[str, dict[str, Any]] = {
     "flickr-100": _row(99, 100, 10, 10, 3, 20),
     "flickr-200": _row(199, 1000, 10, 5, 1, 20),
-    "flickr-500": _row(499, 1000, 100, 20, 0.01, 40, max_start=3),
-    "coco-100": _row(99, 1000, 5, 10, 1, 20, merge=True),
-    "coco-200": _row(199, 1000, 50, 20, 1, 20, merge=True, iterations=2000),
-    "coco-500": _row(499, 5000, 500, 40, 1, 30, merge=True, temperature=0.1, augment=False),
+    "flickr-500": _row(499, 1000, 100, 20, 0.01, 40, max_start_epoch=3),
+    "coco-100": _row(99, 1000, 5, 10, 1, 20, **_COCO),
+    "coco-200": _row(199, 1000, 50, 20, 1, 20, **_COCO, iterations=2000),
+    "coco-500": _row(499, 5000, 500, 40, 1, 30, **_COCO, temperature=0.1, augment=False),
     # mmcurate's own, for the tiny built-in students: η in log space (the published linear η
     # goes negative within the first iterations there), distinct, clean initial images, and a
     # two-epoch target (bench_lors_margin.py: margin over random -0.37 with one epoch at lr 300).

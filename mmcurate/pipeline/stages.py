@@ -98,12 +98,12 @@ def select_stage(ctx: Context) -> tuple[dict, list[Path]]:
 
 
 def reshard_stage(ctx: Context) -> tuple[dict, list[Path]]:
-    """Write the subset's samples as new webdataset shards (tasks hold no GPU: they copy)."""
+    """Write the subset's samples as new webdataset shards."""
     c = ctx.section("reshard")
     src = as_list(c["src"] or ctx.section("embed")["src"])
     subset = c["subset"] or str(ctx.path("select", "subset.npy"))
     out = ctx.path("reshard")
-    summary = reshard(src, subset, out, build(ReshardConfig, c), ctx.executor.cpu_only())
+    summary = reshard(src, subset, out, build(ReshardConfig, c), ctx.executor)
     if not summary.get("shards"):
         raise MmcurateError("stage reshard: the subset matched no sample of the sources")
     return summary, [out / name for name in summary["shards"]]
