@@ -298,3 +298,24 @@ def test_example_configs_parse():
     corpus = load_plan(examples / "webdataset.toml")
     assert list(corpus.stages) == list(STAGES)
     assert corpus.stages["distill"]["preset"] == "flickr-100"
+
+
+def test_the_pipeline_gives_its_own_steps_every_core_and_workers_their_share(tmp_path, corpus):
+    from click.testing import CliRunner
+
+    from mmcurate.cli.main import cli
+    from mmcurate.engine import pinned, resolve_threads
+
+    config = {
+        "out": str(tmp_path / "run"),
+        "device": "cpu",
+        "workers": 2,
+        "embed": {"src": [corpus["pool"]], "model": "open_clip:mmc-tiny", "decode_workers": 0},
+    }
+    write_toml(tmp_path / "pipeline.toml", config)
+    with pinned(1):  # the test process gets its own threads back afterwards
+        result = CliRunner().invoke(cli, ["pipeline", str(tmp_path / "pipeline.toml")])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == resolve_threads("auto", 1)
+    embed = json.loads((tmp_path / "run" / "embed.stage.json").read_text())
+    assert embed["summary"]["store"]["threads"] == resolve_threads("auto", 2)

@@ -30,7 +30,7 @@ def pipeline(config, start, until, workers, device, json_path) -> None:
     from mmcurate.engine import pin_threads, resolve_threads
 
     plan = load_plan(config, {"workers": workers, "device": device})
-    pin_threads(resolve_threads(plan.settings["threads"], plan.settings["workers"]))
+    pin_threads(resolve_threads(plan.settings["threads"], 1))  # in-process steps: every core
     report = run_pipeline(plan, start=start, until=until)
     click.echo(f"\nmmcurate pipeline: {plan.config_path} -> {plan.out}")
     for stage, entry in report.items():
@@ -80,7 +80,7 @@ def demo(out, seed, scale, json_path) -> None:
     from mmcurate.demo.run import run_demo
     from mmcurate.engine import pin_threads
 
-    pin_threads(1)
+    pin_threads(1)  # as every demo process (DemoPlan.threads), so its figures match anywhere
     parts = ["mmcurate demo", f"--out {out}"]
     if seed:
         parts.append(f"--seed {seed}")

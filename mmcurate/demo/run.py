@@ -50,6 +50,7 @@ class DemoPlan:
     eval_epochs: int = EvalConfig.epochs
     reshard_size: int = 200
     workers: int = 2
+    threads: int = 1  # per process, as the demo's own steps: its figures match on any machine
 
     @classmethod
     def scaled(cls, scale: float, seed: int) -> DemoPlan:
@@ -124,6 +125,7 @@ def pipeline_config(root: Path, data: dict, plan: DemoPlan, seed: int) -> dict[s
         "seed": seed,
         "device": "cpu",
         "workers": plan.workers,
+        "threads": plan.threads,
         "embed": {
             "src": [data["pool"]],
             "model": data["teacher"],
