@@ -16,6 +16,7 @@ import numpy as np
 
 from mmcurate.curate.semdedup import KEEP_ORDERS
 from mmcurate.curate.validity import valid_rows
+from mmcurate.data.atomic import read_json_dict
 from mmcurate.data.store import finished_stems, read_stem
 from mmcurate.errors import ShardError, UsageError
 
@@ -191,18 +192,9 @@ def plan_semdedup(
     return job, scanned, failed
 
 
-def read_marker(path: Path) -> dict | None:
-    """A JSON marker's content, or None when it is missing or unreadable."""
-    try:
-        marker = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return marker if isinstance(marker, dict) else None
-
-
 def current_marker(data: Path, marker: Path, **expect: Any) -> dict | None:
     """The marker when its data file exists and it records every expected value; else None."""
-    found = read_marker(marker)
+    found = read_json_dict(marker)
     if found is None or not data.exists():
         return None
     return found if all(found.get(k) == v for k, v in expect.items()) else None

@@ -45,7 +45,6 @@ from mmcurate.curate.dedup_plan import (
     DedupJob,
     current_marker,
     plan_semdedup,
-    read_marker,
     sha256_hex,
 )
 from mmcurate.curate.semdedup import (
@@ -53,7 +52,7 @@ from mmcurate.curate.semdedup import (
     member_order,
     unit_rows,
 )
-from mmcurate.data.atomic import atomic_path, save_npy_atomic, write_json_atomic
+from mmcurate.data.atomic import atomic_path, read_json_dict, save_npy_atomic, write_json_atomic
 from mmcurate.data.store import read_arrays
 from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import ShardError
@@ -144,7 +143,7 @@ def _members_key(job: DedupJob) -> str:
     """Hash of the settings and every assign file's sha256: what the members depend on."""
     shas = []
     for stem in job.stems:
-        marker = read_marker(job.path("assign", f"{stem}.json")) or {}
+        marker = read_json_dict(job.path("assign", f"{stem}.json")) or {}
         shas.append(marker.get("sha", ""))
     return sha256_hex(json.dumps([job.signature, shas]).encode())
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mmcurate.data.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
+from mmcurate.data.atomic import read_json_dict, save_npy_atomic, save_npz_atomic, write_json_atomic
 from mmcurate.data.shard_writer import (
     SIZES,
     STATS_SUFFIX,
@@ -244,11 +244,7 @@ def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
 
 
 def _read_manifest(out: Path) -> dict:
-    try:
-        data = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_dict(out / MANIFEST) or {}
 
 
 def pack_parts(

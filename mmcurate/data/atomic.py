@@ -47,6 +47,16 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_json_dict(path: str | os.PathLike) -> dict | None:
+    """The JSON object in a file, or None when it is missing, unreadable or not an object: how
+    every marker and manifest is read, so a damaged one means "redo", never a crash."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
     """Save an uncompressed npz atomically; fixed zip timestamps make equal data equal bytes."""
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -13,7 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from mmcurate.data.atomic import save_npz_atomic, write_json_atomic, write_parquet_atomic
+from mmcurate.data.atomic import (
+    read_json_dict,
+    save_npz_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from mmcurate.errors import ShardError, UsageError
 
 DONE_SUFFIX = ".done.json"
@@ -29,12 +33,8 @@ def done_path(out_dir: str | os.PathLike, stem: str) -> Path:
 
 def read_done(out_dir: str | os.PathLike, stem: str) -> dict | None:
     """A stem's done marker, or None when absent, unreadable or not a marker (then it is redone)."""
-    path = done_path(out_dir, stem)
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
+    data = read_json_dict(done_path(out_dir, stem))
+    if data is None:
         return None
     rows = data.get("rows")
     if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:

@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from mmcurate.curate.score_config import ScoreConfig
-from mmcurate.data.atomic import write_bytes_atomic, write_json_atomic
+from mmcurate.data.atomic import read_json_dict, write_bytes_atomic, write_json_atomic
 from mmcurate.demo.faults import DemoSizes, corpus_paths, make_teacher_split, write_demo_corpus
 from mmcurate.demo.measure import KEEP, measure
 from mmcurate.demo.teacher import TeacherConfig, save_teacher, teacher_spec, train_teacher
@@ -89,10 +89,7 @@ def prepare_data(root: Path, plan: DemoPlan, seed: int, echo: Callable[[str], No
     }
     paths = corpus_paths(data / "corpus", plan.sizes)
     teacher_path = data / "teacher.pt"
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        record = {}
+    record = read_json_dict(record_path) or {}
     if record.get("made_with") == wanted and "stats" in record and teacher_path.is_file():
         echo(f"== data: corpus and teacher of seed {seed} already in {data}, reused")
         return {**paths, "teacher": teacher_spec(teacher_path), "teacher_stats": record["stats"]}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmcurate.data.atomic import torch_save_atomic, write_json_atomic
+from mmcurate.data.atomic import read_json_dict, torch_save_atomic, write_json_atomic
 from mmcurate.data.store import read_done
 from mmcurate.distill.augment import (
     ExpertAugment,
@@ -319,14 +319,8 @@ def make_buffers(
 
 def _check_manifest(out: Path, config: BufferConfig, stem: str | None) -> None:
     """Refuse to mix experts of different settings or data in one directory."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return
-    import json
-
-    try:
-        old = json.loads(path.read_text())
-    except ValueError:
+    old = read_json_dict(out / MANIFEST)
+    if old is None:
         return
     keys = (*ARCH_KEYS, *PROTOCOL_KEYS, "epochs", "lr", "batch_size", "seed")
     old = {**LEGACY_PROTOCOL, **old} if old.get("version", 1) < 2 else old

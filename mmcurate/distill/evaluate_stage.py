@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmcurate.data.atomic import write_json_atomic
+from mmcurate.data.atomic import read_json_dict, write_json_atomic
 from mmcurate.distill.artifact import load_artifact
 from mmcurate.distill.buffers import expert_paths, load_buffers
 from mmcurate.distill.data import load_pairs
@@ -133,12 +133,8 @@ def _recipe(config: EvalConfig) -> dict:
 
 
 def _student_done(out: Path, item: StudentItem, config: EvalConfig) -> bool:
-    path = student_path(out, item.set, item.student)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return all(record.get(k) == v for k, v in _recipe(config).items())
+    record = read_json_dict(student_path(out, item.set, item.student))
+    return record is not None and all(record.get(k) == v for k, v in _recipe(config).items())
 
 
 def collect_set(out: str | os.PathLike, name: str, num_eval: int) -> dict:

@@ -10,6 +10,7 @@ went to the kernel (`benchmarks/bench_heap.py`). Training loops call
 from __future__ import annotations
 
 import ctypes
+import functools
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -17,9 +18,10 @@ HEAP_MMAP_BYTES = 256 << 20  # allocations below this come from the heap and are
 HEAP_TRIM_BYTES = 1 << 30  # the heap gives memory back only when this much lies free on top
 
 
+@functools.cache
 def keep_freed_heap() -> bool:
-    """Set this process's heap to keep and reuse freed memory; False where the C library has
-    no glibc `mallopt` (macOS, Windows, musl), which then keeps its own behaviour."""
+    """Set this process's heap to keep and reuse freed memory (once per process); False where
+    the C library has no glibc `mallopt` (macOS, Windows, musl), which keeps its own."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from mmcurate.data.atomic import read_json_dict
 from mmcurate.data.shards import expand_sources
 from mmcurate.pipeline.config import Plan, as_list
 
@@ -101,8 +102,4 @@ def marker_path(out: Path, stage: str, suffix: str = MARKER_SUFFIX) -> Path:
 
 def read_marker(out: Path, stage: str, suffix: str = MARKER_SUFFIX) -> dict | None:
     """A stage's done (or running) marker, or None when absent or unreadable."""
-    try:
-        data = json.loads(marker_path(out, stage, suffix).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_dict(marker_path(out, stage, suffix))
