@@ -42,6 +42,8 @@ def test_corpus_ground_truth_matches_the_shards(tmp_path):
     assert len(by_uid) == sizes.pool
     counts = Counter(r["fault"] for r in truth)
     assert dict(counts) == sizes.fault_counts()
+    duplicates = counts["duplicate"] // DUPLICATE_GROUP * (DUPLICATE_GROUP - 1)
+    assert duplicates == round(sizes.shares["duplicate"] * sizes.pool)  # N - |C|
 
     samples = [s for url in expand_sources([paths["pool"]]) for s in iter_samples(url)]
     assert len(samples) == sizes.pool
@@ -183,17 +185,23 @@ def test_reduced_demo_writes_report_and_summary(tmp_path):
     # duplicates: the figures again from the semdedup column and the resharded subset
     dups = summary["duplicates"]
     is_dup = faults == "duplicate"
-    assert dups["injected"] == int(is_dup.sum()) > 0
-    assert dups["kept_with_dedup"] == int((selected.astype(bool) & is_dup).sum())
     group_of = {r["uid"]: r["dup_group"] for r in truth["samples"]}
     groups = np.array([group_of[u] for u in table.column("uid").to_pylist()])
+    n_groups = len(set(groups[is_dup].tolist()))
+    assert dups["copies"] == int(is_dup.sum()) == n_groups * DUPLICATE_GROUP > 0
+    assert dups["injected"] == n_groups * (DUPLICATE_GROUP - 1)
+    assert dups["copies_kept_with_dedup"] == int((selected.astype(bool) & is_dup).sum())
+    kept_per_group = Counter(groups[selected.astype(bool) & is_dup].tolist())
+    assert dups["kept_with_dedup"] == sum(n - 1 for n in kept_per_group.values())
+    kept_line = f"{dups['kept_without_dedup']} without the dedup rule, {dups['kept_with_dedup']} "
+    assert kept_line in result.stdout
     semdedup = table.column("semdedup").to_numpy().astype(np.float64)
     extra = is_dup.copy()
     for g in np.unique(groups[is_dup]):
         members = np.flatnonzero(groups == g)
         extra[members[np.argmin(semdedup[members])]] = False
     task = extra | (faults == "clean")
-    assert dups["auroc"]["semdedup"]["redundant_copies"] == pytest.approx(
+    assert dups["auroc"]["semdedup"]["duplicates"] == pytest.approx(
         _brute_auroc(-semdedup[task], extra[task]), abs=1e-12
     )
     teacher_row = [r for r in summary["tau_sweep"] if r["label"].startswith("teacher")]

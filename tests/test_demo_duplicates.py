@@ -1,5 +1,5 @@
-"""The demo's duplicate figures: redundant copies per group and their AUROCs, against counting
-every (duplicate, clean) pair by hand."""
+"""The demo's duplicate figures: redundant copies per group, their AUROCs and the duplicates a
+subset keeps, against counting every pair and every group by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 
-from mmcurate.demo.analysis import duplicate_aurocs, redundant_copies
+from mmcurate.demo.analysis import duplicate_aurocs, duplicates_kept, redundant_copies
 
 
 def pair_count_auroc(quality: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float:
@@ -34,8 +34,8 @@ def test_each_group_keeps_its_best_copy_and_the_aurocs_count_pairs():
     got = duplicate_aurocs(quality, faults, groups)
     clean = faults == "clean"
     expect_all = pair_count_auroc(quality, faults == "duplicate", clean)
-    assert abs(got["all_copies"] - expect_all) < 1e-12
-    assert abs(got["redundant_copies"] - pair_count_auroc(quality, extra, clean)) < 1e-12
+    assert abs(got["every_copy"] - expect_all) < 1e-12
+    assert abs(got["duplicates"] - pair_count_auroc(quality, extra, clean)) < 1e-12
 
 
 def test_a_perfect_dedup_scores_one_on_redundant_copies_only():
@@ -43,5 +43,19 @@ def test_a_perfect_dedup_scores_one_on_redundant_copies_only():
     groups = np.array([-1] * 6 + [0] * 4)
     semdedup = np.array([0.1, 0.3, 0.2, 0.5, 0.4, 0.6, 0.35, 1.0, 1.0, 1.0])
     got = duplicate_aurocs(-semdedup, faults, groups)
-    assert got["redundant_copies"] == 1.0
-    assert got["all_copies"] < 1.0
+    assert got["duplicates"] == 1.0
+    assert got["every_copy"] < 1.0
+
+
+def test_duplicates_kept_counts_each_groups_copies_beyond_one():
+    rng = np.random.default_rng(5)
+    groups = np.array([-1] * 20 + [0] * 5 + [1] * 5 + [2] * 3 + [3] * 2)
+    for _ in range(50):
+        kept = rng.random(len(groups)) < 0.5
+        by_hand = 0
+        for g in range(4):
+            in_group = int(kept[groups == g].sum())
+            by_hand += in_group - 1 if in_group else 0
+        assert duplicates_kept(kept, groups) == by_hand
+    assert duplicates_kept(groups >= -1, groups) == 15 - 4
+    assert duplicates_kept(groups < 0, groups) == 0

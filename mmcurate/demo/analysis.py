@@ -122,13 +122,21 @@ def redundant_copies(quality: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return extra
 
 
+def duplicates_kept(kept: np.ndarray, groups: np.ndarray) -> int:
+    """Duplicates a subset keeps: each group's kept copies beyond one (D = N - |C|)."""
+    kept, groups = np.asarray(kept, dtype=bool), np.asarray(groups)
+    _, per_group = np.unique(groups[kept & (groups >= 0)], return_counts=True)
+    return int((per_group - 1).sum())
+
+
 def duplicate_aurocs(quality: np.ndarray, faults: np.ndarray, groups: np.ndarray) -> dict:
-    """AUROC of telling duplicates from clean pairs by low quality: over every copy, and over
-    the redundant copies only (a perfect deduplication scores 1.0 on the second)."""
+    """AUROC of telling duplicates from clean pairs by low quality: the duplicates are each
+    group's copies but one (a perfect deduplication scores 1.0); and over every copy, which
+    counts the copy any deduplication keeps as a miss."""
     quality, faults = np.asarray(quality, dtype=np.float64), np.asarray(faults)
     clean, copies = faults == "clean", faults == "duplicate"
     extra = redundant_copies(quality, groups)
     return {
-        "all_copies": detection_auroc(quality[copies | clean], copies[copies | clean]),
-        "redundant_copies": detection_auroc(quality[extra | clean], extra[extra | clean]),
+        "duplicates": detection_auroc(quality[extra | clean], extra[extra | clean]),
+        "every_copy": detection_auroc(quality[copies | clean], copies[copies | clean]),
     }

@@ -10,7 +10,8 @@ Splits (all procedural, from `mmcurate.demo.corpus`):
   - `generic`: a caption that fits any image ("a picture");
   - `duplicate`: a group of copies of one image and caption, re-posted under other uids and
     URLs (the commonest web duplicate; a re-render of the same concept would be no more alike
-    than two clean pairs of that concept, which no embedding could single out);
+    than two clean pairs of that concept, which no embedding could single out). As in the
+    dedup literature, a group of N copies holds N - 1 duplicates: one copy is the pair itself;
   - `rare`: a correct, specific caption of the rare colour (good data CLIPScore may under-rate).
 - `target`: images of the downstream task (blue objects only), for NormSim.
 - `test`: held-out clean pairs for retrieval.
@@ -56,7 +57,7 @@ GENERIC_CAPTIONS = (
     "a simple drawing",
     "something in the image",
 )
-DUPLICATE_GROUP = 4
+DUPLICATE_GROUP = 5  # copies of one pair: the pair itself and four duplicates
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,10 @@ class DemoSizes:
     )
 
     def fault_counts(self) -> dict[str, int]:
-        """Pool samples per fault; duplicates are whole groups, clean takes the rest."""
+        """Pool samples per fault; the duplicate share counts each group's copies beyond one,
+        so `duplicate` holds whole groups of copies; clean takes the rest."""
         counts = {f: int(round(self.shares.get(f, 0.0) * self.pool)) for f in FAULTS[1:]}
-        counts["duplicate"] -= counts["duplicate"] % DUPLICATE_GROUP
+        counts["duplicate"] = counts["duplicate"] // (DUPLICATE_GROUP - 1) * DUPLICATE_GROUP
         counts["clean"] = self.pool - sum(counts.values())
         if counts["clean"] < counts["duplicate"] // DUPLICATE_GROUP:
             raise UsageError(f"demo pool of {self.pool} is too small for its fault shares")

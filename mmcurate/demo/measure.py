@@ -13,7 +13,13 @@ from mmcurate.curate.select import SelectConfig, select
 from mmcurate.data.store import finished_stems, read_stem
 from mmcurate.data.subset import load_subset
 from mmcurate.data.uid import member_mask, uid_pairs
-from mmcurate.demo.analysis import analyse, duplicate_aurocs, fault_aurocs, noise_mask
+from mmcurate.demo.analysis import (
+    analyse,
+    duplicate_aurocs,
+    duplicates_kept,
+    fault_aurocs,
+    noise_mask,
+)
 from mmcurate.distill.artifact import load_artifact
 from mmcurate.distill.students import denormalize_images
 from mmcurate.errors import UsageError
@@ -58,7 +64,8 @@ def _subset_after(scores_dir: Path, rules: list[str]) -> np.ndarray:
 
 def duplicate_figures(run: Path, table: dict, selected: np.ndarray) -> dict:
     """How each metric finds the injected duplicates, and how many the selection keeps with
-    and without the dedup rule (semdedup's quality is its negation: unique is good)."""
+    and without the dedup rule (semdedup's quality is its negation: unique is good). Counts
+    follow the dedup literature: N copies of one pair are N - 1 duplicates."""
     quality = {
         "clipscore": table["clipscore"],
         "negclip": table["negclip"],
@@ -67,17 +74,22 @@ def duplicate_figures(run: Path, table: dict, selected: np.ndarray) -> dict:
     rules = [r for r in KEEP if r != DEDUP_RULE]
     without = _member(table["uid"], _subset_after(run / "score", rules))
     dedup_only = _member(table["uid"], _subset_after(run / "score", [DEDUP_RULE]))
-    faults = table["fault"]
-    is_dup = faults == "duplicate"
+    faults, groups = table["fault"], table["dup_group"]
+    is_copy = faults == "duplicate"
+    copies, n_groups = int(is_copy.sum()), int(len(np.unique(groups[is_copy])))
     return {
         "rule": DEDUP_RULE,
-        "auroc": {k: duplicate_aurocs(q, faults, table["dup_group"]) for k, q in quality.items()},
-        "injected": int(is_dup.sum()),
-        "groups": int(len(np.unique(table["dup_group"][is_dup]))),
-        "kept_without_dedup": int((without & is_dup).sum()),
-        "kept_with_dedup": int((selected & is_dup).sum()),
+        "auroc": {k: duplicate_aurocs(q, faults, groups) for k, q in quality.items()},
+        "injected": copies - n_groups,
+        "copies": copies,
+        "groups": n_groups,
+        "kept_without_dedup": duplicates_kept(without, groups),
+        "kept_with_dedup": duplicates_kept(selected, groups),
+        "copies_kept_without_dedup": int((without & is_copy).sum()),
+        "copies_kept_with_dedup": int((selected & is_copy).sum()),
         "dedup_rule_alone": {
-            "duplicates_kept": int((dedup_only & is_dup).sum()),
+            "duplicates_kept": duplicates_kept(dedup_only, groups),
+            "copies_kept": int((dedup_only & is_copy).sum()),
             "clean_dropped": int((~dedup_only & (faults == "clean")).sum()),
             "clean": int((faults == "clean").sum()),
         },

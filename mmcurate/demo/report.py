@@ -44,6 +44,19 @@ def terminal_table(summary: Mapping[str, Any]) -> str:
     for name, value in summary["auroc"].items():
         note = f"  (τ = {tau:.3g})" if name == "negclip" and tau is not None else ""
         lines.append(f"  {name:<14}{value:7.3f}{note}")
+    dups = summary.get("duplicates")
+    if dups:
+        lines.append("")
+        lines.append(
+            f"duplicates ({dups['copies']} copies in {dups['groups']} groups: "
+            f"{dups['injected']} beyond one per group)"
+        )
+        auroc = dups["auroc"]["semdedup"]["duplicates"]
+        lines.append(f"  semdedup AUROC, duplicates vs clean{auroc:7.3f}")
+        lines.append(
+            f"  kept by the selection: {dups['kept_without_dedup']} without the dedup rule, "
+            f"{dups['kept_with_dedup']} with {dups['rule']}"
+        )
     retrieval = summary.get("retrieval") or {}
     if retrieval:
         lines.append("")
@@ -54,9 +67,6 @@ def terminal_table(summary: Mapping[str, Any]) -> str:
             cells = "".join(f"{entry[k]['mean']:8.1f}" for k in RECALL_KEYS)
             lines.append(f"  {set_label(name, entry):<30}{cells}{recall_mean(entry):8.1f}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- figures
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -212,25 +222,25 @@ def _duplicates_section(d: Mapping[str, Any]) -> list[str]:
     alone = d["dedup_rule_alone"]
     return [
         "<h2>Duplicates</h2>",
-        f"<p>{d['injected']} injected duplicates: {d['groups']} groups of copies of one image "
-        "and caption under other uids. Any deduplication keeps one copy per group, so the "
-        "redundant copies are each group's copies but the one the metric ranks best.</p>",
+        f"<p>{d['groups']} groups of copies of one image and caption under other uids, "
+        f"{d['copies']} copies in all. As in the dedup literature, N copies of one pair are "
+        f"N - 1 duplicates ({d['injected']} here): one copy per group is the pair itself, and "
+        "any deduplication keeps one. Which copy stays is arbitrary, so each metric keeps the "
+        "copy it ranks best.</p>",
         _table(
-            ["metric", "AUROC, every copy vs clean", "AUROC, redundant copies vs clean"],
-            [[k, v["all_copies"], v["redundant_copies"]] for k, v in d["auroc"].items()],
+            ["metric", "AUROC, duplicates vs clean", "AUROC, every copy vs clean"],
+            [[k, v["duplicates"], v["every_copy"]] for k, v in d["auroc"].items()],
         ),
         _table(
-            ["duplicates kept by the selection", "count"],
+            ["kept by the selection", "duplicates", "copies"],
             [
-                ["without the dedup rule", d["kept_without_dedup"]],
-                [f"with {d['rule']}", d["kept_with_dedup"]],
-                [f"{d['rule']} alone", alone["duplicates_kept"]],
-                [
-                    f"clean pairs {d['rule']} alone drops",
-                    f"{alone['clean_dropped']} of {alone['clean']}",
-                ],
+                ["without the dedup rule", d["kept_without_dedup"], d["copies_kept_without_dedup"]],
+                [f"with {d['rule']}", d["kept_with_dedup"], d["copies_kept_with_dedup"]],
+                [f"{d['rule']} alone", alone["duplicates_kept"], alone["copies_kept"]],
             ],
         ),
+        f"<p>{html.escape(d['rule'])} alone drops {alone['clean_dropped']} of the "
+        f"{alone['clean']} clean pairs.</p>",
     ]
 
 
