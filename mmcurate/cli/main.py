@@ -12,6 +12,7 @@ import click
 from mmcurate.cli.distill_cmds import buffer, distill_cmd, evaluate_cmd
 from mmcurate.cli.embed_cmd import embed
 from mmcurate.cli.pipeline_cmds import demo, pipeline
+from mmcurate.cli.report_cmd import report_cmd
 from mmcurate.cli.score_cmd import score
 from mmcurate.cli.select_cmd import reshard_cmd, select_cmd
 from mmcurate.errors import MmcurateError, UsageError
@@ -62,6 +63,7 @@ for command in (
     buffer,
     distill_cmd,
     evaluate_cmd,
+    report_cmd,
     pipeline,
     demo,
 ):
