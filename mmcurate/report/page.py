@@ -153,7 +153,7 @@ def dedup_section(view: dict) -> list[Markup]:
     ]
     if not dedup["groups"]:
         return parts + [para(f"No groups shown: {dedup['note']}.", note=True)]
-    for g in dedup["groups"]:
+    for n, g in enumerate(dedup["groups"], 1):
         kept = cards([g.kept], view, ["kept"]) if g.kept is not None else Markup("")
         removed = cards(
             [r for r, _ in g.removed][: view["examples"]],
@@ -161,7 +161,7 @@ def dedup_section(view: dict) -> list[Markup]:
             [f"removed · cosine to kept {c:.4f}" if c == c else "removed" for _, c in g.removed],
         )
         parts += [
-            heading(4, f"cluster {g.cluster}: {len(g.removed)} removed"),
+            heading(4, f"group {n}: {len(g.removed)} removed (cluster {g.cluster})"),
             Markup(f"<div class='groups'>{kept}{removed}</div>"),
         ]
     return parts
