@@ -58,11 +58,13 @@ def png(data: bytes, alt: str) -> Markup:
 
 
 def table(header: Sequence[Any], rows: Iterable[Sequence[Any]], cls: str = "") -> Markup:
-    """A table; every header and cell escaped (Markup cells are placed as they are)."""
+    """A table (no header row when `header` is empty); every header and cell escaped (Markup
+    cells are placed as they are)."""
     klass = f" class='{esc(cls)}'" if cls else ""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    head = f"<thead><tr>{head}</tr></thead>" if head else ""
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return Markup(f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return Markup(f"<table{klass}>{head}<tbody>{body}</tbody></table>")
 
 
 def heading(level: int, text: str, anchor: str = "") -> Markup:

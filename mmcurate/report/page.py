@@ -65,7 +65,7 @@ def pool_section(view: dict) -> list[Markup]:
         rows.append(["subset", f"{s['path']}: {s['uids']:,} uids, {s['rows']:,} pool rows"])
     rows.append(["thumbnails", view["images_note"]])
     rows.append(["captions", view["captions_note"]])
-    return [heading(2, "Pool", "pool"), table(["", ""], rows, "kv")]
+    return [heading(2, "Pool", "pool"), table([], rows, "kv")]
 
 
 def funnel_section(view: dict) -> list[Markup]:
