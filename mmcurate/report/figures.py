@@ -36,10 +36,9 @@ def histogram_png(
     """A column's histogram (the subset's rows overlaid when given), each cut-off a line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 2.8))
-    widths = np.diff(edges)
-    ax.bar(edges[:-1], counts, widths, align="edge", color="#9db4d6", label="pool")
+    ax.stairs(counts, edges, fill=True, color="#9db4d6", label="pool")
     if kept is not None:
-        ax.bar(edges[:-1], kept, widths, align="edge", color="#2a8a3a", label="in the subset")
+        ax.stairs(kept, edges, fill=True, color="#2a8a3a", label="in the subset")
     for label, value in cutoffs:
         ax.axvline(value, color="#b03030", linestyle="--", linewidth=1.4)
         ax.annotate(

@@ -122,9 +122,10 @@ def column_stats(name: str, values: np.ndarray, in_subset: np.ndarray | None, bi
     part = values[finite]
     n = len(part)
     if n:
-        quantiles = dict(zip(QUANTILES, np.quantile(part, QUANTILES).astype(float).tolist()))
         lo, hi = float(part.min()), float(part.max())
         mean = float(part.mean(dtype=np.float64))
+        found = np.quantile(part, QUANTILES, overwrite_input=True)
+        quantiles = dict(zip(QUANTILES, found.astype(float).tolist()))
     else:
         quantiles, lo, hi, mean = {}, 0.0, 1.0, float("nan")
     edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
