@@ -91,8 +91,17 @@ def main() -> None:
         cmd = [*mmcurate, "report", str(scores), "--subset", str(subset), "--out", str(out)]
         seconds, rss, _ = run_measured(cmd)
         size = out.stat().st_size / 1e6
-        measured.append((rows, rss))
-        print(f"{rows:>11,} {args.files:>6} {sel:>9.1f} {seconds:>9.1f} {rss:>19.0f} {size:>8.2f}")
+        code = (
+            "from mmcurate.report import ReportConfig, write_report; "
+            f"write_report({str(scores)!r}, {str(root / 'lib.html')!r}, "
+            f"ReportConfig(subset={str(subset)!r}))"
+        )
+        lib_s, lib_mb, _ = run_measured([sys.executable, "-c", code])
+        measured.append((rows, lib_mb))
+        print(
+            f"{rows:>11,} {args.files:>6} {sel:>9.1f} {seconds:>7.1f} {rss:>7.0f} "
+            f"{lib_s:>10.1f} {lib_mb:>11.0f} {size:>8.2f}"
+        )
     if len(measured) >= 2:
         n = np.array([r for r, _ in measured], dtype=np.float64)
         mb = np.array([m for _, m in measured])

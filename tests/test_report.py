@@ -309,6 +309,7 @@ def test_datacomp_metadata_directory_reports_its_own_columns(tmp_path):
     assert parser.cards["top (clip_l14_similarity_score)"][0] in uids
     assert "original_width" not in out.read_text().split("score columns")[1].split("</tr>")[0]
     assert "&lt;script&gt;document.title" in out.read_text()
+    assert "<div class='url'>http://x/&lt;script&gt;</div>" in out.read_text()
 
 
 def test_contains_matches_a_set_even_when_high_halves_repeat():

@@ -88,9 +88,10 @@ def _replay_notes(stages) -> list[str]:
     return notes
 
 
-def _images(view: dict, details: dict, config: ReportConfig, scores_dir) -> None:
-    """Captions from the store, thumbnails (and captions) from the shards, with notes."""
-    from_store = store_captions(scores_dir, view["pool_obj"], details)
+def _images(view: dict, pool, details: dict, config: ReportConfig, scores_dir) -> None:
+    """Captions from the store, thumbnails (and captions, keys, URLs) from the shards, with
+    notes on what was found."""
+    from_store = store_captions(scores_dir, pool, details)
     view["captions_note"] = (
         "from the DataComp metadata"
         if view["source"] == "metadata"
@@ -105,9 +106,11 @@ def _images(view: dict, details: dict, config: ReportConfig, scores_dir) -> None
         wanted.setdefault(d["stem"], set()).add(d["uid"])
     found, problems = fetch_from_shards(config.shards, wanted, config.thumb)
     for d in details.values():
-        hit = found.get(d["uid"])
-        if hit and hit["caption"] is not None:
-            d["caption"] = hit["caption"]
+        hit = found.get(d["uid"]) or {}
+        for field in ("caption", "url"):
+            if hit.get(field) is not None:
+                d[field] = hit[field]
+        d["key"] = hit.get("key")
     view["thumbs"] = found
     images = sum(1 for f in found.values() if f["thumb"])
     view["no_image"] = "not in the given shards"
@@ -143,7 +146,7 @@ def build_sections(
         rule = [s for s in stages if s.metric == DEDUP_COLUMN and s.low_kept and s.threshold]
         threshold = float(rule[0].threshold) if rule else DEFAULT_THRESHOLD
         groups, how = dedup_groups(scores_dir, pool, threshold, config.groups)
-        dedup = {"threshold": threshold, "groups": groups, "how": how, "note": how}
+        dedup = {"threshold": threshold, "groups": groups, "how": how}
     shown = [*top.values(), *bottom.values()]
     shown += [r for s in stages for r in (s.kept, s.dropped) if r is not None]
     if dedup:
@@ -162,7 +165,6 @@ def build_sections(
         "files": len(paths),
         "source": "metadata" if is_metadata(paths[0]) else "sidecars",
         "pool": pool.size,
-        "pool_obj": pool,
         "columns": columns,
         "subset": subset_info,
         "record": record,
@@ -175,7 +177,7 @@ def build_sections(
         "dedup": dedup,
         "examples": config.examples,
     }
-    _images(view, details, config, scores_dir)
+    _images(view, pool, details, config, scores_dir)
     parts = [*pool_section(view), *funnel_section(view)]
     plain = [c for c in columns if not c.startswith(NORMSIM_PREFIX)]
     normsim = [c for c in columns if c.startswith(NORMSIM_PREFIX)]

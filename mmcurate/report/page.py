@@ -16,7 +16,7 @@ CAPTION_CHARS = 300
 
 
 def card(row: int, view: dict, mark: str = "") -> Markup:
-    """One example: thumbnail (or why there is none), caption, uid, stem and scores."""
+    """One example: thumbnail (or why there is none), caption, uid, stem/key, URL, scores."""
     d = view["details"][row]
     shot = view["thumbs"].get(d["uid"])
     if shot and shot.get("thumb"):
@@ -33,9 +33,13 @@ def card(row: int, view: dict, mark: str = "") -> Markup:
     label = {"kept": "in the subset", "dropped": "not in the subset", "": ""}[state]
     scores = "<br>".join(f"{esc(k)} {esc(_num(v))}" for k, v in d["scores"].items())
     extra = f"<div>{esc(mark)}</div>" if mark else ""
+    where = d["stem"] + (f"/{d['key']}" if d.get("key") else "")
+    url = d.get("url")
+    if url:
+        extra += f"<div class='url'>{esc(url if len(url) <= 80 else url[:80] + '…')}</div>"
     return Markup(
         f"<div class='card {state}'>{picture}<div class='cap'>{esc(caption)}</div>"
-        f"<div class='uid'>{esc(d['uid'])}</div><div>{esc(d['stem'])}"
+        f"<div class='uid'>{esc(d['uid'])}</div><div>{esc(where)}"
         f"{' · ' + esc(label) if label else ''}</div>{extra}<div>{scores}</div></div>"
     )
 
@@ -142,17 +146,16 @@ def dedup_section(view: dict) -> list[Markup]:
     dedup = view.get("dedup")
     if dedup is None:
         return []
-    parts = [
-        heading(2, "SemDeDup", "semdedup"),
-        para(
-            f"Rows scoring above {dedup['threshold']:g} in the semdedup column (each row's largest "
-            "cosine to an earlier member of its k-means cluster) are the ones SemDeDup removes. "
-            + dedup["how"]
-            + "."
-        ),
-    ]
+    about = (
+        f"Rows scoring above {dedup['threshold']:g} in the semdedup column (each row's largest "
+        "cosine to an earlier member of its k-means cluster) are the ones SemDeDup removes."
+    )
     if not dedup["groups"]:
-        return parts + [para(f"No groups shown: {dedup['note']}.", note=True)]
+        return [
+            heading(2, "SemDeDup", "semdedup"),
+            para(f"{about} No groups shown: {dedup['how']}."),
+        ]
+    parts = [heading(2, "SemDeDup", "semdedup"), para(f"{about} {dedup['how'].capitalize()}.")]
     for n, g in enumerate(dedup["groups"], 1):
         kept = cards([g.kept], view, ["kept"]) if g.kept is not None else Markup("")
         removed = cards(

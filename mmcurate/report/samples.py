@@ -18,10 +18,11 @@ from mmcurate.errors import ShardError
 from mmcurate.report.pool_view import read_file
 
 CAPTION_COLUMNS = ("caption", "text")
+URL_COLUMN = "url"
 
 
 def row_details(pool: Pool, rows: np.ndarray, columns: Sequence[str]) -> dict[int, dict]:
-    """For each row: its stem, uid, the shown columns' scores and (metadata files) caption;
+    """For each row: its stem, uid, the shown columns' scores and (metadata files) caption and URL;
     only the files holding a row are read, each once."""
     import pyarrow.parquet as pq
 
@@ -31,7 +32,8 @@ def row_details(pool: Pool, rows: np.ndarray, columns: Sequence[str]) -> dict[in
     for i in np.unique(files):
         names = pq.read_schema(pool.paths[i]).names
         caption = next((c for c in CAPTION_COLUMNS if c in names), None)
-        wanted = ["uid", *columns] + ([caption] if caption else [])
+        url = URL_COLUMN if URL_COLUMN in names else None
+        wanted = ["uid", *columns] + [c for c in (caption, url) if c]
         local = rows[files == i] - int(pool.offsets[i])
         table = read_file(pool, int(i), wanted).take(local).to_pydict()
         for j, row in enumerate(local):
@@ -40,6 +42,7 @@ def row_details(pool: Pool, rows: np.ndarray, columns: Sequence[str]) -> dict[in
                 "uid": table["uid"][j],
                 "scores": {c: table[c][j] for c in columns},
                 "caption": table[caption][j] if caption else None,
+                "url": table[url][j] if url else None,
             }
     return out
 
@@ -133,6 +136,7 @@ def fetch_from_shards(
                         "caption": sample["caption"],
                         "thumb": thumbnail(sample["image"], size),
                         "url": sample["url"],
+                        "key": sample["key"],
                     }
                 if not missing or (item.name in wanted and not own):
                     break
