@@ -147,18 +147,7 @@ def build_sections(
         threshold = float(rule[0].threshold) if rule else DEFAULT_THRESHOLD
         groups, how = dedup_groups(scores_dir, pool, threshold, config.groups)
         dedup = {"threshold": threshold, "groups": groups, "how": how}
-    shown = [*top.values(), *bottom.values()]
-    shown += [r for s in stages for r in (s.kept, s.dropped) if r is not None]
-    if dedup:
-        shown += [
-            np.array([g.kept] if g.kept is not None else [], dtype=np.int64)
-            for g in dedup["groups"]
-        ]
-        shown += [
-            np.array([r for r, _ in g.removed[: config.examples]], dtype=np.int64)
-            for g in dedup["groups"]
-        ]
-    every = np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in shown]))
+    every = _shown_rows([*top.values(), *bottom.values()], stages, dedup, config.examples)
     details = row_details(pool, every, columns)
     view = {
         "scores": str(scores_dir),
@@ -193,7 +182,7 @@ def build_sections(
         parts += column_block(stats[name], view, ("top", "bottom"))
     if normsim:
         parts.append(heading(2, "NormSim: similarity to the target", "normsim"))
-        parts.append(para(_target_note(scores_dir, paths)))
+        parts.append(para(_target_note(scores_dir, pool.stems[0])))
         for name in normsim:
             parts += column_block(
                 stats[name], view, ("most like the target", "least like the target")
@@ -209,8 +198,18 @@ def build_sections(
     return parts, summary
 
 
-def _target_note(scores_dir, paths) -> str:
-    marker = read_json_dict(Path(scores_dir) / f"{paths[0].name.split('.')[0]}.done.json") or {}
+def _shown_rows(bands: list, stages, dedup: dict | None, per: int) -> np.ndarray:
+    """Every row a card shows: the column bands, the cut-off bands and the SemDeDup groups."""
+    shown = [*bands, *[r for s in stages for r in (s.kept, s.dropped) if r is not None]]
+    for g in (dedup or {}).get("groups", []):
+        shown.append(np.array([g.kept] if g.kept is not None else [], dtype=np.int64))
+        shown.append(np.array([r for r, _ in g.removed[:per]], dtype=np.int64))
+    return np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in shown]))
+
+
+def _target_note(scores_dir, stem: str) -> str:
+    """Which target set the NormSim columns were scored against, as the done marker says."""
+    marker = read_json_dict(Path(scores_dir) / f"{stem}.done.json") or {}
     targets = (marker.get("config") or {}).get("targets")
     where = f" ({', '.join(map(str, targets))})" if targets else ""
     return (

@@ -29,19 +29,6 @@ def score_columns(path) -> list[str]:
     return [f.name for f in schema if f.name != "uid" and pa.types.is_floating(f.type)]
 
 
-def read_file(pool: Pool, i: int, columns: list[str]):
-    """Some columns of the pool's i-th file as a pyarrow Table, its length checked."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(pool.paths[i], columns=columns)
-    except Exception as exc:
-        raise ShardError(f"{pool.stems[i]}: unreadable score file: {exc}") from None
-    if table.num_rows != pool.offsets[i + 1] - pool.offsets[i]:
-        raise ShardError(f"{pool.stems[i]}: score file changed while reading")
-    return table
-
-
 def _contains(subset: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Which pairs a sorted unique subset holds (searchsorted on the high half, then the low)."""
     hi, lo = subset["f0"], subset["f1"]
@@ -61,7 +48,7 @@ def subset_rows(pool: Pool, subset: np.ndarray) -> np.ndarray:
     if not len(subset):
         return mask
     for i in range(len(pool.paths)):
-        column = read_file(pool, i, ["uid"]).column("uid").combine_chunks()
+        column = pool._table(i, ["uid"]).column("uid").combine_chunks()
         lo = int(pool.offsets[i])
         for start in range(0, len(column), UID_BLOCK):
             try:

@@ -15,7 +15,6 @@ from mmcurate.curate.pool import Pool, is_metadata
 from mmcurate.data.atomic import read_json_dict
 from mmcurate.data.shards import iter_samples, shard_items
 from mmcurate.errors import ShardError
-from mmcurate.report.pool_view import read_file
 
 CAPTION_COLUMNS = ("caption", "text")
 URL_COLUMN = "url"
@@ -35,7 +34,7 @@ def row_details(pool: Pool, rows: np.ndarray, columns: Sequence[str]) -> dict[in
         url = URL_COLUMN if URL_COLUMN in names else None
         wanted = ["uid", *columns] + [c for c in (caption, url) if c]
         local = rows[files == i] - int(pool.offsets[i])
-        table = read_file(pool, int(i), wanted).take(local).to_pydict()
+        table = pool._table(int(i), wanted).take(local).to_pydict()
         for j, row in enumerate(local):
             out[int(row) + int(pool.offsets[i])] = {
                 "stem": pool.stems[i],
