@@ -321,3 +321,29 @@ def test_contains_matches_a_set_even_when_high_halves_repeat():
     expected = {(int(a), int(b)) for a, b in chosen.tolist()}
     got = _contains(chosen, pool)
     assert got.tolist() == [(int(a), int(b)) in expected for a, b in pool.tolist()]
+
+
+def test_the_demo_report_is_this_report_plus_its_ground_truth(scored, tmp_path):
+    import shutil
+
+    from test_metrics_report import _synthetic_report
+
+    from mmcurate.demo.report import render_report
+
+    root = scored["root"]
+    shutil.copytree(root / "scores", tmp_path / "run" / "score")
+    (tmp_path / "run" / "select").mkdir()
+    for name in ("subset.npy", "subset.json"):
+        shutil.copy(root / name, tmp_path / "run" / "select" / name)
+    (tmp_path / "pipeline.toml").write_text(f'[embed]\nsrc = ["{root / "shards" / "*.tar"}"]\n')
+    report = {**_synthetic_report(np.random.default_rng(0)), "regime": "scratch"}
+    text = render_report(report, tmp_path).read_text()
+    assert text.index("Noise detection") < text.index("Selection funnel")
+    assert "Retrieval on the test split (scratch regime)" in text
+    parser = parse(tmp_path / "report.html")
+    files = [s for s in parser.images if not s.startswith("data:")]
+    assert len(files) == 6 and all((tmp_path / f).is_file() for f in files)
+    thumbs = [s for s in parser.images if s.startswith("data:image/png")]
+    assert len(thumbs) >= 40  # the pool's thumbnails, from the shards pipeline.toml names
+    alone = parse(write(scored, tmp_path / "alone.html"))
+    assert parser.cards == alone.cards  # the same rows as `mmcurate report` on that run
