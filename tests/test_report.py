@@ -347,3 +347,16 @@ def test_the_demo_report_is_this_report_plus_its_ground_truth(scored, tmp_path):
     assert len(thumbs) >= 40  # the pool's thumbnails, from the shards pipeline.toml names
     alone = parse(write(scored, tmp_path / "alone.html"))
     assert parser.cards == alone.cards  # the same rows as `mmcurate report` on that run
+
+
+def test_images_that_do_not_decode_or_are_too_large_give_no_thumbnail(monkeypatch):
+    from PIL import Image
+
+    from mmcurate.report.samples import thumbnail
+
+    assert thumbnail(b"not an image", 96) is None and thumbnail(None, 96) is None
+    assert thumbnail(_png((1, 2, 3))[:40], 96) is None  # truncated
+    data, mime = thumbnail(_png((1, 2, 3)), 96)
+    assert mime == "image/png" and Image.open(io.BytesIO(data)).getpixel((0, 0)) == (1, 2, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 24 x 24 = 576: a "bomb" now
+    assert thumbnail(_png((1, 2, 3)), 96) is None
