@@ -360,3 +360,12 @@ def test_images_that_do_not_decode_or_are_too_large_give_no_thumbnail(monkeypatc
     assert mime == "image/png" and Image.open(io.BytesIO(data)).getpixel((0, 0)) == (1, 2, 3)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 24 x 24 = 576: a "bomb" now
     assert thumbnail(_png((1, 2, 3)), 96) is None
+
+
+def test_report_options_default_to_report_config(monkeypatch):
+    import test_defaults
+
+    from mmcurate.report import ReportConfig
+
+    monkeypatch.setitem(test_defaults.COMMANDS, "report", ReportConfig)
+    test_defaults.test_click_options_default_to_the_config_dataclass("report")
