@@ -324,6 +324,7 @@ def test_contains_matches_a_set_even_when_high_halves_repeat():
 
 
 def test_the_demo_report_is_this_report_plus_its_ground_truth(scored, tmp_path):
+    import json
     import shutil
 
     from test_metrics_report import _synthetic_report
@@ -336,6 +337,11 @@ def test_the_demo_report_is_this_report_plus_its_ground_truth(scored, tmp_path):
     for name in ("subset.npy", "subset.json"):
         shutil.copy(root / name, tmp_path / "run" / "select" / name)
     (tmp_path / "pipeline.toml").write_text(f'[embed]\nsrc = ["{root / "shards" / "*.tar"}"]\n')
+    samples = [{"uid": u, "fault": "clean", "target_relevant": False} for u in scored["uids"]]
+    (tmp_path / "data" / "corpus").mkdir(parents=True)
+    (tmp_path / "data" / "corpus" / "ground_truth.json").write_text(
+        json.dumps({"samples": samples})
+    )
     report = {**_synthetic_report(np.random.default_rng(0)), "regime": "scratch"}
     text = render_report(report, tmp_path).read_text()
     assert text.index("Noise detection") < text.index("Selection funnel")
@@ -347,6 +353,8 @@ def test_the_demo_report_is_this_report_plus_its_ground_truth(scored, tmp_path):
     assert len(thumbs) >= 40  # the pool's thumbnails, from the shards pipeline.toml names
     alone = parse(write(scored, tmp_path / "alone.html"))
     assert parser.cards == alone.cards  # the same rows as `mmcurate report` on that run
+    n = sum(len(v) for v in parser.cards.values())
+    assert text.count("<div class='tag'>ground truth: clean</div>") == n
 
 
 def test_images_that_do_not_decode_or_are_too_large_give_no_thumbnail(monkeypatch):

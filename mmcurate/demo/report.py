@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mmcurate.data.atomic import write_bytes_atomic
+from mmcurate.data.atomic import read_json_dict, write_bytes_atomic
 from mmcurate.demo.analysis import FAULT_ORDER, SET_LABELS, recall_mean
 from mmcurate.demo.plots import (
     plot_distilled,
@@ -268,7 +268,8 @@ def _duplicates_section(d: Mapping[str, Any]) -> list[str]:
 
 def pool_sections(out: Path, title: str) -> list[str]:
     """The generic report's sections for the demo run under `out` (none without a scored run):
-    its score sidecars, its final subset and the pool shards named in pipeline.toml."""
+    its score sidecars, its final subset and the pool shards named in pipeline.toml, each card
+    tagged with its ground truth."""
     scores = out / "run" / "score"
     if not any(scores.glob("*.scores.parquet")):
         return []
@@ -285,7 +286,17 @@ def pool_sections(out: Path, title: str) -> list[str]:
     config = ReportConfig(
         subset=str(subset) if subset.is_file() else None, shards=shards, title=title
     )
-    return build_sections(scores, config)[0]
+    return build_sections(scores, config, ground_truth_tags(out))[0]
+
+
+def ground_truth_tags(out: Path) -> dict[str, str]:
+    """Each pool uid's injected fault (and whether it is target-like), for the report's cards."""
+    truth = read_json_dict(out / "data" / "corpus" / "ground_truth.json") or {}
+    tags = {}
+    for row in truth.get("samples") or []:
+        like = ", target-like" if row.get("target_relevant") else ""
+        tags[row["uid"]] = f"ground truth: {row['fault']}{like}"
+    return tags
 
 
 def render_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,9 +123,12 @@ def _images(view: dict, pool, details: dict, config: ReportConfig, scores_dir) -
 
 
 def build_sections(
-    scores_dir: str | os.PathLike, config: ReportConfig = ReportConfig()
+    scores_dir: str | os.PathLike,
+    config: ReportConfig = ReportConfig(),
+    tags: Mapping[str, str] | None = None,
 ) -> tuple[list[Markup], dict]:
-    """The report's sections for a SCORES directory, and a summary of what was read."""
+    """The report's sections for a SCORES directory, and a summary of what was read; `tags`
+    adds a line to the card of each uid it names (the demo's ground truth)."""
     paths = find_sidecars(scores_dir)
     columns = score_columns(paths[0])
     if not columns:
@@ -165,6 +169,7 @@ def build_sections(
         "bottom": bottom,
         "dedup": dedup,
         "examples": config.examples,
+        "tags": tags or {},
     }
     _images(view, pool, details, config, scores_dir)
     parts = [*pool_section(view), *funnel_section(view)]

@@ -22,7 +22,8 @@ CSS = (
     ".card.kept{border-color:#2a8a3a}.card.dropped{border-color:#b03030}"
     ".noimg{width:120px;height:120px;background:#f4f4f4;color:#888;display:flex;"
     "align-items:center;justify-content:center;text-align:center}"
-    ".uid{font-family:monospace;color:#666}.url{color:#666;font-size:10px}.cap{margin:2px 0}"
+    ".uid{font-family:monospace;color:#666}.url{color:#666;font-size:10px}"
+    ".tag{font-weight:bold}.cap{margin:2px 0}"
     ".bar{background:#4c72b0;height:12px}.funnel td:last-child{width:320px;text-align:left}"
     ".groups{display:flex;gap:16px;align-items:flex-start}"
 )

@@ -33,6 +33,9 @@ def card(row: int, view: dict, mark: str = "") -> Markup:
     label = {"kept": "in the subset", "dropped": "not in the subset", "": ""}[state]
     scores = "<br>".join(f"{esc(k)} {esc(_num(v))}" for k, v in d["scores"].items())
     extra = f"<div>{esc(mark)}</div>" if mark else ""
+    tag = view["tags"].get(d["uid"])
+    if tag:
+        extra += f"<div class='tag'>{esc(tag)}</div>"
     where = d["stem"] + (f"/{d['key']}" if d.get("key") else "")
     url = d.get("url")
     if url:
