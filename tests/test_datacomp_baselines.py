@@ -1,0 +1,218 @@
+"""DataComp's baseline filters as `select` rules, on a DataComp-shaped metadata directory: each
+keeps exactly the uids its rule (baselines/apply_filter.py) defines, written out here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from datacomp_meta import L14, ROWS, datacomp_meta, uid, write_wordnet
+
+from mmcurate.cli.main import cli
+from mmcurate.curate.centroids import load_centroids, nearest_by_inner_product
+from mmcurate.curate.datacomp_rules import fasttext_token_counts
+from mmcurate.data.uid import pair_to_uid
+from mmcurate.errors import UsageError
+
+E = np.eye(4, dtype=np.float32)
+# Published-style centroids: c0 is long (3·e1), so inner product and L2 disagree near e1.
+CENTROIDS = np.stack([3 * E[0], 0.95 * E[0] + 0.31 * E[1], E[2], E[3]]).astype(np.float32)
+TARGET = E[:1]  # one ImageNet row, e1: inner product picks c0 (L2 would pick c1)
+IMG = np.stack(
+    [
+        0.5 * E[0] + 0.866 * E[2],  # 0: inner product c0 (kept); L2 c2
+        E[0],  # 1: fr, caption-filtered out
+        E[2],  # 2: c2
+        E[0],  # 3: c0
+        E[3],  # 4: c3
+        0.95 * E[0] + 0.31 * E[1],  # 5: c0
+        E[0],  # 6: empty caption
+        E[1],  # 7: c1 (L2 also c1, which L2 would keep)
+        E[0],  # 8: whitespace caption
+        E[0],  # 9: de
+        (E[0] + E[1]) / np.sqrt(2),  # 10: c0
+        E[2],  # 11: c2
+    ]
+).astype(np.float16)
+BASIC = {0, 5, 7, 10, 11}
+TEXT_BASED = {0, 2, 3, 7, 10}
+LAION2B = {2, 5, 7, 10, 11}
+CAPTION_FILTER = {0, 2, 3, 4, 5, 7, 10, 11}
+IMAGE_BASED = {0, 3, 5, 10}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [*map(str, args)])
+
+
+def kept(path) -> set[int]:
+    subset = np.load(path, allow_pickle=False)
+    return {int(pair_to_uid(int(a), int(b)), 16) for a, b in zip(subset["f0"], subset["f1"])}
+
+
+@pytest.fixture(scope="module")
+def dc(tmp_path_factory):
+    """The metadata directory, its lang/lang_cld3 sidecars, a WordNet and the image assets."""
+    root = tmp_path_factory.mktemp("dc")
+    meta = datacomp_meta(root / "meta", img=IMG)
+    scores = root / "scores"
+    result = invoke("score", meta, "--out", scores, "--metric", "lang", "--metric", "lang_cld3")
+    assert result.exit_code == 0, result.output
+    torch.save(CENTROIDS.copy(), root / "small_centroids_l14.pt")  # a pickled numpy array
+    np.save(root / "centroids.npy", CENTROIDS)
+    torch.save({"image_features": torch.from_numpy(TARGET)}, root / "in1k_clip_vit_l14_0.pt")
+    return {"root": root, "meta": meta, "scores": scores, "wordnet": write_wordnet(root / "nltk")}
+
+
+def select(dc, tmp_path, *keep, extra=()):
+    out = tmp_path / "subset.npy"
+    args = [a for k in keep for a in ("--keep", k)]
+    result = invoke("select", dc["scores"], "--store", dc["meta"], "--out", out, *args, *extra)
+    assert result.exit_code == 0, result.output
+    return kept(out), json.loads(out.with_suffix(".json").read_text())
+
+
+def image_args(dc, centroids="small_centroids_l14.pt"):
+    root = dc["root"]
+    return ["--centroids", root / centroids, "--target", root / "in1k_clip_vit_l14_0.pt"]
+
+
+def test_basic(dc, tmp_path):
+    assert select(dc, tmp_path, "datacomp:basic")[0] == BASIC
+
+
+def test_basic_is_its_parts_as_rules_that_need_no_score_run(dc, tmp_path):
+    parts = ("lang==en", "caption_words>2", "caption_chars>5", "min_side>=200", "aspect_ratio<=3")
+    assert select(dc, tmp_path, *parts)[0] == BASIC
+
+
+def test_text_based_finds_imagenet21k_words_through_wordnet(dc, tmp_path):
+    got, _ = select(dc, tmp_path, "datacomp:text_based", extra=["--wordnet", dc["wordnet"]])
+    # dog, car, sofa and "Dogs" (WordNet's morphy) are ImageNet-21k classes; "bank" is one only
+    # as its second synset, and DataComp takes the first.
+    assert got == TEXT_BASED
+
+
+def test_laion2b_uses_cld3_and_the_b32_score(dc, tmp_path):
+    # Row 0 is English to fastText but Irish to CLD3, so laion2b drops it.
+    assert select(dc, tmp_path, "datacomp:laion2b")[0] == LAION2B
+
+
+@pytest.mark.parametrize("centroids", ["small_centroids_l14.pt", "centroids.npy"])
+def test_image_based_picks_centroids_by_inner_product(dc, tmp_path, centroids):
+    got, record = select(dc, tmp_path, "datacomp:image_based", extra=image_args(dc, centroids))
+    assert got == IMAGE_BASED
+    stage = record["stages"][0]
+    assert stage["caption_filter"] == len(CAPTION_FILTER) and stage["target_centroids"] == 1
+    # An L2 assignment would keep a different set: the rule is the inner product's.
+    x = IMG.astype(np.float32)
+    l2 = ((x[:, None] - CENTROIDS[None]) ** 2).sum(-1).argmin(1)
+    target_l2 = ((TARGET[:, None] - CENTROIDS[None]) ** 2).sum(-1).argmin(1)
+    assert {i for i in CAPTION_FILTER if l2[i] in target_l2} != IMAGE_BASED
+
+
+def test_image_based_intersect_clip_score_is_the_two_rules_in_order(dc, tmp_path):
+    got, record = select(
+        dc,
+        tmp_path,
+        f"{L14}:0.5",
+        "datacomp:image_based",
+        extra=["--ties", "datacomp", *image_args(dc)],
+    )
+    clip = {i for i, row in enumerate(ROWS) if row[3] >= 0.29}  # the score at index int(12·0.5)
+    assert clip == {0, 1, 2, 3, 7, 9, 10}
+    assert got == clip & IMAGE_BASED == {0, 3, 10}
+    assert record["stages"][1]["input"] == len(clip)
+
+
+def test_image_based_without_centroids_runs_faiss_kmeans(dc, tmp_path):
+    root = dc["root"]
+    extra = ["--target", root / "in1k_clip_vit_l14_0.pt", "--image-clusters", "5"]
+    got, record = select(dc, tmp_path, "datacomp:image_based", extra=extra)
+    # 8 caption-filtered rows allow at most 8 // 39 -> 1 cluster: every candidate shares it.
+    assert record["stages"][0]["centroids"]["clusters"] == 1
+    assert got == CAPTION_FILTER
+
+
+def test_named_rules_compose_with_union_and_intersect(dc, tmp_path):
+    text = tmp_path / "text.npy"
+    args = ["--keep", "datacomp:text_based", "--wordnet", dc["wordnet"]]
+    assert (
+        invoke("select", dc["scores"], "--store", dc["meta"], "--out", text, *args).exit_code == 0
+    )
+    assert select(dc, tmp_path, "datacomp:basic", extra=["--intersect", text])[0] == {0, 7, 10}
+    union = select(dc, tmp_path, "datacomp:laion2b", extra=["--union", text])[0]
+    assert union == LAION2B | TEXT_BASED
+
+
+def test_fasttext_token_count_counts_each_newline_as_a_token():
+    texts = ["a dog\nrunning", "sunset", "  two\twords ", "", None, "x\r\ny"]
+    assert fasttext_token_counts(texts).tolist() == [4, 1, 2, 0, 0, 3]
+
+
+def test_inner_product_assignment_matches_numpy_in_blocks():
+    rng = np.random.default_rng(0)
+    x, c = rng.standard_normal((1000, 16)), rng.standard_normal((300, 16)) * 3
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("mmcurate.curate.centroids.PRODUCT_BUDGET", 300 * 7)  # 7 rows per block
+        got = nearest_by_inner_product(x.astype(np.float32), c.astype(np.float32))
+    assert (got == (x.astype(np.float32) @ c.astype(np.float32).T).argmax(1)).all()
+
+
+def test_centroid_pt_files_load_without_unpickling_anything_else(tmp_path):
+    import datetime
+
+    torch.save(CENTROIDS.copy(), tmp_path / "ok.pt")
+    assert np.array_equal(load_centroids(tmp_path / "ok.pt"), CENTROIDS)
+    torch.save({"when": datetime.date(2023, 4, 1)}, tmp_path / "other.pt")  # not a numpy global
+    with pytest.raises(UsageError, match="weights_only"):
+        load_centroids(tmp_path / "other.pt")
+
+
+def one_line_refusal(result, out, needle):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and needle in lines[0], lines
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_bad_inputs_are_refused_in_one_line_before_anything_is_written(dc, tmp_path):
+    out = tmp_path / "o.npy"
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.ones((4, 7), np.float32))
+    base = ["select", dc["scores"], "--store", dc["meta"], "--out", out, "--keep"]
+    result = invoke(*base, "datacomp:image_based", *image_args(dc), "--centroids", wide)
+    one_line_refusal(result, out, "width 7")
+    one_line_refusal(invoke(*base, "datacomp:bogus"), out, "unknown DataComp baseline")
+    # A metadata directory without original_width (nor width).
+    meta = datacomp_meta(tmp_path / "meta", img=IMG)
+    for path in meta.glob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop(["original_width"]), path)
+    result = invoke(
+        "select", dc["scores"], "--store", meta, "--out", out, "--keep", "datacomp:basic"
+    )
+    one_line_refusal(result, out, "'original_width'")
+    # lang==en on the metadata before any `score --metric lang` run.
+    result = invoke("select", meta, "--out", out, "--keep", "lang==en")
+    one_line_refusal(result, out, "--metric lang")
+    result = invoke("select", meta, "--out", out, "--keep", "datacomp:laion2b")
+    one_line_refusal(result, out, "--metric lang_cld3")
+
+
+def test_missing_wordnet_says_how_to_get_it(dc, tmp_path, monkeypatch):
+    import nltk.data
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "none")])
+    out = tmp_path / "o.npy"
+    args = ["select", dc["scores"], "--store", dc["meta"], "--out", out]
+    result = invoke(*args, "--keep", "datacomp:text_based")
+    one_line_refusal(result, out, "nltk.downloader wordnet")
+
+
+def test_uids_are_the_metadata_uids(dc, tmp_path):
+    got, _ = select(dc, tmp_path, "lang==fr")
+    assert got == {1} and uid(1) == f"{1:032x}"
