@@ -21,6 +21,12 @@ def _stage_line(stage: dict) -> str:
         extra += f", DataComp rule at index {stage['index']}"
         if cutoff is None:
             extra += " (past the scored rows: all kept)"
+    if "centroids" in stage:
+        made = stage["centroids"]
+        extra += (
+            f", caption filter {stage['caption_filter']}, {made['clusters']} centroids "
+            f"({made['source']}), {stage['target_centroids']} picked by the targets"
+        )
     return f"  {stage['rule']:<24} kept {stage['count']} of {stage['input']}{extra}"
 
 
