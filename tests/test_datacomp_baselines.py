@@ -149,6 +149,23 @@ def test_named_rules_compose_with_union_and_intersect(dc, tmp_path):
     assert union == LAION2B | TEXT_BASED
 
 
+def test_the_wnids_are_datacomps_asset_byte_for_byte():
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
+    from mmcurate.curate.in21k import in21k_offsets
+
+    root = Path(importlib.util.find_spec("timm").submodule_search_locations[0])
+    data = (root / "data/_info/imagenet21k_goog_synsets.txt").read_bytes()
+    # sha256 of imagenet21k_wordnet_ids.txt in DataComp's baselines/utils.py
+    assert hashlib.sha256(data).hexdigest() == (
+        "66362bdedf36d933382edca5493fc562dcc17128ce36403c9e730a75f48cb2f2"
+    )
+    offsets = in21k_offsets()
+    assert len(offsets) == 21843 and 2084071 in offsets and 1740 not in offsets
+
+
 def test_fasttext_token_count_counts_each_newline_as_a_token():
     texts = ["a dog\nrunning", "sunset", "  two\twords ", "", None, "x\r\ny"]
     assert fasttext_token_counts(texts).tolist() == [4, 1, 2, 0, 0, 3]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmcurate.curate.lang import decode_captions
+from mmcurate.errors import UsageError
 
 TEXT = ("text", "caption")
 WIDTH = ("original_width", "width")
@@ -62,9 +63,12 @@ Columns = dict[str, str]  # logical name (first of a Need's names) -> the column
 
 
 def equals(column, value: str) -> np.ndarray:
-    """column == value per row (a null is False)."""
+    """column == value per row (a null is False); a column of non-strings is a UsageError."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise UsageError(f"=={value} compares strings, but the column holds {column.type}")
     return pc.equal(column, value).fill_null(False).to_numpy(zero_copy_only=False)
 
 

@@ -49,7 +49,9 @@ class ImageBased:
     def __init__(self, config: ImageBasedConfig, store: Path | None, stems: list[str]) -> None:
         from mmcurate.curate.targets import load_target
         from mmcurate.data.store import detect_keys, npz_keys, read_arrays
+        from mmcurate.embed import check_device_name
 
+        check_device_name(config.device)
         if not config.target:
             raise UsageError("datacomp:image_based needs --target (e.g. in1k_clip_vit_l14_0.pt)")
         if store is None:

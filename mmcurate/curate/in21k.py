@@ -9,6 +9,7 @@ ImageNet-21k class? (`does_contain_text_entity` of DataComp's baselines.)
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import warnings
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ import numpy as np
 from mmcurate.errors import UsageError
 
 WNIDS = ("data", "_info", "imagenet21k_goog_synsets.txt")
+CACHE_WORDS = 1_000_000  # distinct words remembered (web captions have tens of millions)
+# DataComp's imagenet21k_wordnet_ids.txt asset (baselines/utils.py), byte for byte.
 WNIDS_SHA256 = "66362bdedf36d933382edca5493fc562dcc17128ce36403c9e730a75f48cb2f2"
 HOW_TO_GET = (
     "datacomp:text_based needs NLTK's WordNet: run `python -m nltk.downloader wordnet` "
@@ -34,8 +37,10 @@ def in21k_offsets() -> frozenset[int]:
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(*WNIDS)
     if not path.is_file():
         raise UsageError(f"timm holds no ImageNet-21k list at {path}")
-    lines = path.read_text().split()
-    return frozenset(int(w[1:]) for w in lines if w)
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != WNIDS_SHA256:
+        warnings.warn(f"{path} differs from DataComp's ImageNet-21k list", stacklevel=2)
+    return frozenset(int(w[1:]) for w in data.decode().split() if w)
 
 
 def _find_root(directory: str | None):
@@ -85,6 +90,8 @@ class EntityMatcher:
         """Whether the word's first synset is an ImageNet-21k class."""
         hit = self.seen.get(word)
         if hit is None:
+            if len(self.seen) >= CACHE_WORDS:
+                self.seen.clear()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 synsets = self.reader.synsets(word)

@@ -114,6 +114,8 @@ class ScoreJob:
         }
         sig["store"] = str(Path(self.store).resolve())
         sig["ps"] = [normsim_column(p) for p in self.ps]
+        if sig["lang_model_sha256"] is None:
+            del sig["lang_model_sha256"]  # runs without --metric lang keep their signature
         return json.loads(json.dumps(sig))
 
 
