@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 from datacomp_meta import ROWS, datacomp_meta, uid
 
@@ -99,3 +100,41 @@ def test_a_bad_lang_model_is_refused_before_work(tmp_path):
         assert result.exit_code == 2, result.output
         assert len(result.output.strip().splitlines()) == 1
         assert not (tmp_path / "s").exists()
+
+
+def test_lang_runs_per_stem_on_ray_with_the_local_bytes(tmp_path):
+    import logging
+
+    ray = pytest.importorskip("ray")
+    meta = datacomp_meta(tmp_path / "meta")
+    args = ["--metric", "lang", "--metric", "lang_cld3"]
+    assert score(meta, "--out", tmp_path / "local", *args).exit_code == 0
+    ctx = ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 2**20,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
+    try:
+        address = ctx.address_info["gcs_address"]
+        summary = tmp_path / "ray.json"
+        result = score(
+            meta,
+            "--out",
+            tmp_path / "ray",
+            *args,
+            "--executor",
+            "ray",
+            "--ray-address",
+            address,
+            "--json",
+            summary,
+        )
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(summary.read_text())["done"]) == 2  # one work item per stem
+    for path in sorted((tmp_path / "local").glob("*.scores.parquet")):
+        assert (tmp_path / "ray" / path.name).read_bytes() == path.read_bytes()
