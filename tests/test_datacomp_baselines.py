@@ -233,3 +233,17 @@ def test_missing_wordnet_says_how_to_get_it(dc, tmp_path, monkeypatch):
 def test_uids_are_the_metadata_uids(dc, tmp_path):
     got, _ = select(dc, tmp_path, "lang==fr")
     assert got == {1} and uid(1) == f"{1:032x}"
+
+
+def test_named_rules_compose_with_negclip_from_the_same_score_run(dc, tmp_path):
+    scores = tmp_path / "scores"
+    args = ["--metric", "negclip", "--metric", "lang", "--batch-size", "4"]
+    keys = ["--img-key", "l14_img", "--txt-key", "l14_txt"]
+    assert invoke("score", dc["meta"], "--out", scores, *args, *keys).exit_code == 0
+    out = tmp_path / "subset.npy"
+    rules = ["--keep", "negclip:0.5", "--keep", "datacomp:basic"]
+    result = invoke("select", scores, "--store", dc["meta"], "--out", out, *rules)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(sorted(scores.glob("*.scores.parquet"))).to_pylist()
+    rows = sorted(table, key=lambda r: (-r["negclip"], r["uid"]))[:6]  # floor(0.5 · 12)
+    assert kept(out) == {int(r["uid"], 16) for r in rows} & BASIC
