@@ -35,7 +35,6 @@ class ColumnPlan:
     metrics: list[str]
     from_store: set[str]
     cols: Columns
-    store: Path | None
     matcher: Any = None
     image: ImageBased | None = None
 
@@ -62,13 +61,13 @@ def plan_columns(
 ) -> ColumnPlan:
     """Find every column the rules read (UsageError in one line, before work, when one is
     missing) and prepare the named rules (WordNet, centroids, targets)."""
-    plan = ColumnPlan([], set(), {}, store)
+    plan = ColumnPlan([], set(), {})
     for rule in rules:
         if rule.metric == NORMSIM_D:
             continue
         needs = rule_needs(rule)
         if needs is None:
-            name, where = locate(paths, store, (rule.metric,))
+            _, where = locate(paths, store, (rule.metric,))
             (plan.from_store.add if where == "store" else plan.metrics.append)(rule.metric)
             continue
         for need in needs:
