@@ -247,3 +247,24 @@ def test_named_rules_compose_with_negclip_from_the_same_score_run(dc, tmp_path):
     table = pq.read_table(sorted(scores.glob("*.scores.parquet"))).to_pylist()
     rows = sorted(table, key=lambda r: (-r["negclip"], r["uid"]))[:6]  # floor(0.5 · 12)
     assert kept(out) == {int(r["uid"], 16) for r in rows} & BASIC
+
+
+def test_a_stores_width_and_height_stand_in_for_the_original_sizes(dc, tmp_path):
+    meta = datacomp_meta(tmp_path / "meta", img=IMG)
+    for path in meta.glob("*.parquet"):
+        table = pq.read_table(path)
+        names = [
+            {"original_width": "width", "original_height": "height"}.get(n, n)
+            for n in table.column_names
+        ]
+        pq.write_table(table.rename_columns(names), path)
+    out = tmp_path / "subset.npy"
+    args = ["--keep", "datacomp:basic"]
+    assert invoke("select", dc["scores"], "--store", meta, "--out", out, *args).exit_code == 0
+    assert kept(out) == BASIC
+
+
+def test_string_equality_on_a_number_column_is_refused(dc, tmp_path):
+    out = tmp_path / "o.npy"
+    result = invoke("select", dc["meta"], "--out", out, "--keep", f"{L14}==en")
+    one_line_refusal(result, out, "compares strings")

@@ -62,12 +62,18 @@ NAMED_NEEDS = {
 Columns = dict[str, str]  # logical name (first of a Need's names) -> the column found
 
 
+def is_string(kind) -> bool:
+    """Whether an Arrow type is a string type."""
+    import pyarrow as pa
+
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
 def equals(column, value: str) -> np.ndarray:
     """column == value per row (a null is False); a column of non-strings is a UsageError."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    if not is_string(column.type):
         raise UsageError(f"=={value} compares strings, but the column holds {column.type}")
     return pc.equal(column, value).fill_null(False).to_numpy(zero_copy_only=False)
 

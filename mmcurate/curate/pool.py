@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,21 +87,21 @@ def _schema(path: Path):
         raise UsageError(f"unreadable parquet {path}: {exc}") from None
 
 
-def locate(paths: Sequence[Path], store: Path | None, names: Sequence[str]) -> tuple[str, str]:
-    """The first of `names` the score files have ("pool"), else the store's stem parquets
-    ("store"), judged on the first stem; ("", "") when neither has any."""
-    schema = _schema(paths[0]).names
+def locate(paths: Sequence[Path], store: Path | None, names: Sequence[str]) -> tuple[str, str, Any]:
+    """(name, "pool", type) for the first of `names` the score files have, else (name, "store",
+    type) from the store's stem parquets, judged on the first stem; ("", "", None) if none."""
+    schema = _schema(paths[0])
     for name in names:
-        if name in schema:
-            return name, "pool"
+        if name in schema.names:
+            return name, "pool", schema.field(name).type
     if store is not None:
         first = store / f"{sidecar_stem(paths[0])}{METADATA_SUFFIX}"
         if first.is_file():
-            schema = _schema(first).names
+            schema = _schema(first)
             for name in names:
-                if name in schema:
-                    return name, "store"
-    return "", ""
+                if name in schema.names:
+                    return name, "store", schema.field(name).type
+    return "", "", None
 
 
 def check_store(paths: Sequence[Path], store: Path, columns: Sequence[str]) -> set[str]:

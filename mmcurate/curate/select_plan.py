@@ -17,6 +17,7 @@ from mmcurate.curate.datacomp_rules import (
     Need,
     basic_mask,
     equals,
+    is_string,
     laion2b_mask,
     text_based_mask,
 )
@@ -67,16 +68,18 @@ def plan_columns(
             continue
         needs = rule_needs(rule)
         if needs is None:
-            _, where = locate(paths, store, (rule.metric,))
+            _, where, _ = locate(paths, store, (rule.metric,))
             (plan.from_store.add if where == "store" else plan.metrics.append)(rule.metric)
             continue
         for need in needs:
-            name, where = locate(paths, store, need.names)
+            name, where, kind = locate(paths, store, need.names)
             if not name:
                 alts = f" (or {', '.join(map(repr, need.names[1:]))})" if need.names[1:] else ""
                 raise UsageError(
                     f"--keep {rule.text} needs column {need.names[0]!r}{alts}: {need.hint}"
                 )
+            if rule.op == EQUALS and not is_string(kind):
+                raise UsageError(f"--keep {rule.text} compares strings, but {name} holds {kind}")
             plan.cols[need.names[0]] = name
             (plan.from_store.add if where == "store" else plan.metrics.append)(name)
     names = {r.metric for r in rules}
