@@ -182,9 +182,21 @@ def test_inner_product_assignment_matches_numpy_in_blocks():
 
 def test_centroid_pt_files_load_without_unpickling_anything_else(tmp_path):
     import datetime
+    import zipfile
 
     torch.save(CENTROIDS.copy(), tmp_path / "ok.pt")
     assert np.array_equal(load_centroids(tmp_path / "ok.pt"), CENTROIDS)
+    # DataComp's files were pickled by numpy 1, whose array global is numpy.core.multiarray.
+    with zipfile.ZipFile(tmp_path / "ok.pt") as src:
+        members = {name: src.read(name) for name in src.namelist()}
+    for name in members:
+        if name.endswith("data.pkl"):
+            members[name] = members[name].replace(b"numpy._core.", b"numpy.core.")
+            assert b"numpy.core.multiarray\n_reconstruct" in members[name]
+    with zipfile.ZipFile(tmp_path / "numpy1.pt", "w") as dst:
+        for name, data in members.items():
+            dst.writestr(name, data)
+    assert np.array_equal(load_centroids(tmp_path / "numpy1.pt"), CENTROIDS)
     torch.save({"when": datetime.date(2023, 4, 1)}, tmp_path / "other.pt")  # not a numpy global
     with pytest.raises(UsageError, match="weights_only"):
         load_centroids(tmp_path / "other.pt")
