@@ -280,3 +280,20 @@ def test_string_equality_on_a_number_column_is_refused(dc, tmp_path):
     out = tmp_path / "o.npy"
     result = invoke("select", dc["meta"], "--out", out, "--keep", f"{L14}==en")
     one_line_refusal(result, out, "compares strings")
+
+
+def test_centroid_files_with_a_pickle_payload_are_refused_without_running_it(tmp_path):
+    import pickle
+    from pathlib import Path
+
+    from faults.generator import Evil
+
+    marker = Path(Evil.marker)
+    marker.unlink(missing_ok=True)
+    torch.save([CENTROIDS.copy(), Evil()], tmp_path / "evil.pt")
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps([CENTROIDS, Evil()], protocol=2))
+    np.save(tmp_path / "evil.npy", np.array([Evil()], dtype=object), allow_pickle=True)
+    for name in ("evil.pt", "raw.pt", "evil.npy"):
+        with pytest.raises(UsageError):
+            load_centroids(tmp_path / name)
+    assert not marker.exists(), "the centroid loader executed a pickle payload"
