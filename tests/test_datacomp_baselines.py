@@ -297,3 +297,35 @@ def test_centroid_files_with_a_pickle_payload_are_refused_without_running_it(tmp
         with pytest.raises(UsageError):
             load_centroids(tmp_path / name)
     assert not marker.exists(), "the centroid loader executed a pickle payload"
+
+
+def test_centroids_made_here_separate_the_pool_and_are_seeded(tmp_path):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(5)
+    n, meta = 200, tmp_path / "meta"
+    meta.mkdir()
+    near = np.where(np.arange(n) % 2 == 0, 0, 1)  # even rows near e1, odd rows near e2
+    img = E[near] + 0.05 * rng.standard_normal((n, 4)).astype(np.float32)
+    table = pa.table(
+        {
+            "uid": [uid(i) for i in range(n)],
+            "text": [f"a photo of a red car parked outside house number {i}" for i in range(n)],
+        }
+    )
+    pq.write_table(table, meta / "0.parquet")
+    np.savez(meta / "0.npz", l14_img=img.astype(np.float16))
+    np.save(tmp_path / "target.npy", E[:1])
+    scores = tmp_path / "scores"
+    assert invoke("score", meta, "--out", scores, "--metric", "lang").exit_code == 0
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.npy"
+        args = ["--keep", "datacomp:image_based", "--target", tmp_path / "target.npy"]
+        result = invoke(
+            "select", scores, "--store", meta, "--out", out, *args, "--image-clusters", "2"
+        )
+        assert result.exit_code == 0, result.output
+        runs.append(out.read_bytes())
+        assert kept(out) == set(range(0, n, 2))
+    assert runs[0] == runs[1]
