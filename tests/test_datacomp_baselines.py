@@ -329,3 +329,55 @@ def test_centroids_made_here_separate_the_pool_and_are_seeded(tmp_path):
         runs.append(out.read_bytes())
         assert kept(out) == set(range(0, n, 2))
     assert runs[0] == runs[1]
+
+
+def test_a_named_rule_on_a_million_rows_stays_within_selects_bytes_per_row(tmp_path):
+    """datacomp:laion2b over 1M rows in 20 files (lang_cld3 in sidecars, the b32 score in the
+    metadata): the bounds tests/test_select.py asserts for score rules, at the same 20% kept."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import pyarrow as pa
+
+    n, files = 1_000_000, 20
+    rng = np.random.default_rng(0)
+    digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    hexes = digits[rng.integers(0, 16, size=(n, 32), dtype=np.uint8)].view("S32").ravel()
+    english = rng.random(n) < 0.4
+    b32 = rng.random(n) * 0.56  # half of them >= 0.28
+    meta, scores = tmp_path / "meta", tmp_path / "scores"
+    meta.mkdir()
+    scores.mkdir()
+    for i, rows in enumerate(np.array_split(np.arange(n), files)):
+        uids = pa.array(hexes[rows]).cast(pa.string())
+        table = pa.table({"uid": uids, "clip_b32_similarity_score": pa.array(b32[rows])})
+        pq.write_table(table, meta / f"{i:05d}.parquet")
+        lang = pa.array(np.where(english[rows], "en", "de").tolist())
+        pq.write_table(
+            pa.table({"uid": uids, "lang_cld3": lang}), scores / f"{i:05d}.scores.parquet"
+        )
+    script = textwrap.dedent(
+        f"""
+        import json, tracemalloc
+        import pyarrow.parquet
+        from mmcurate.curate.select import SelectConfig, select
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        pyarrow.parquet.read_table({str(meta / "00000.parquet")!r})
+        base = hwm()
+        tracemalloc.start()
+        config = SelectConfig(keep=("datacomp:laion2b",), store={str(meta)!r})
+        subset, report = select({str(scores)!r}, config, progress=False)
+        print(json.dumps({{"traced": tracemalloc.get_traced_memory()[1], "rss": hwm() - base,
+                          "count": report["count"]}}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["count"] == int(np.count_nonzero(english & (b32 >= 0.28)))
+    assert stats["traced"] / n <= 24 and stats["rss"] / n <= 48, stats
