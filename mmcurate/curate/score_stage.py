@@ -42,7 +42,7 @@ from mmcurate.curate.targets import cached_derived, cached_target
 from mmcurate.curate.validity import valid_rows
 from mmcurate.curate.windows import WindowItem, WindowRows, window_is_done, window_items
 from mmcurate.data.atomic import write_json_atomic, write_parquet_atomic
-from mmcurate.data.store import done_path, read_stem
+from mmcurate.data.store import done_path, read_meta, read_stem
 from mmcurate.engine import Executor, report_progress, run_stage, summarise
 from mmcurate.errors import ShardError
 
@@ -68,7 +68,10 @@ def _open_stem(job: ScoreJob, stem: str, keys: list[str]) -> tuple[Any, dict, in
     import pyarrow as pa
 
     columns = ("uid", "caption") if job.lang_metrics else ("uid",)
-    meta, arrays = read_stem(job.store, stem, keys, columns=columns)
+    if keys:
+        meta, arrays = read_stem(job.store, stem, keys, columns=columns)
+    else:  # caption metrics only: the npz is never opened
+        meta, arrays = read_meta(job.store, stem, columns), {}
     uid_type = meta.schema.field("uid").type
     if not (pa.types.is_string(uid_type) or pa.types.is_large_string(uid_type)):
         raise ShardError(f"{stem}: uid column has type {uid_type}, expected strings")
