@@ -137,3 +137,17 @@ def test_lang_runs_per_stem_on_ray_with_the_local_bytes(tmp_path):
     assert len(json.loads(summary.read_text())["done"]) == 2  # one work item per stem
     for path in sorted((tmp_path / "local").glob("*.scores.parquet")):
         assert (tmp_path / "ray" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_stem_without_captions_fails_alone(tmp_path):
+    meta = datacomp_meta(tmp_path / "meta")
+    path = meta / "00000001.parquet"
+    pq.write_table(pq.read_table(path).drop(["text"]), path)
+    out = tmp_path / "scores"
+    summary = tmp_path / "summary.json"
+    result = score(meta, "--out", out, "--metric", "lang", "--json", summary)
+    assert result.exit_code == 1, result.output
+    failed = json.loads(summary.read_text())["failed"]
+    assert list(failed.values()) == ["00000001: parquet lacks column(s) ['text']"]
+    assert (out / "00000000.scores.parquet").is_file()
+    assert not (out / "00000001.scores.parquet").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcurate.errors import UsageError
+from mmcurate.errors import ShardError, UsageError
 
 LANG = "lang"
 LANG_CLD3 = "lang_cld3"
@@ -87,6 +87,26 @@ def _cld3():
 def check_model(path: str | Path) -> None:
     """Load the fastText model once in this process, so a bad file is refused before work."""
     _fasttext(str(path))
+
+
+def read_captions(store: str | Path, stem: str):
+    """A stem's `uid` and caption columns only, read from its parquet (DataComp's `text` is
+    read as `caption`); a ShardError names what is wrong."""
+    import pyarrow.parquet as pq
+
+    path = Path(store) / f"{stem}.parquet"
+    try:
+        names = pq.read_schema(path).names
+        caption = "caption" if "caption" in names else "text"
+        missing = [c for c in ("uid", caption) if c not in names]
+        if missing:
+            raise ShardError(f"{stem}: parquet lacks column(s) {missing}")
+        table = pq.read_table(path, columns=["uid", caption])
+    except ShardError:
+        raise
+    except Exception as exc:
+        raise ShardError(f"{stem}: unreadable parquet {path.name}: {exc}") from None
+    return table.rename_columns(["uid", "caption"])
 
 
 def decode_captions(column) -> list[str | None]:

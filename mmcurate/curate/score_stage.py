@@ -32,6 +32,7 @@ from mmcurate.curate.lang import (
     cld3_lang,
     decode_captions,
     fasttext_lang,
+    read_captions,
 )
 from mmcurate.curate.normsim import MaxAbsIndex, estimate_recall, gram, normsim_2, normsim_p
 from mmcurate.curate.precision import resolve_precision
@@ -42,7 +43,7 @@ from mmcurate.curate.targets import cached_derived, cached_target
 from mmcurate.curate.validity import valid_rows
 from mmcurate.curate.windows import WindowItem, WindowRows, window_is_done, window_items
 from mmcurate.data.atomic import write_json_atomic, write_parquet_atomic
-from mmcurate.data.store import done_path, read_meta, read_stem
+from mmcurate.data.store import done_path, read_stem
 from mmcurate.engine import Executor, report_progress, run_stage, summarise
 from mmcurate.errors import ShardError
 
@@ -70,8 +71,8 @@ def _open_stem(job: ScoreJob, stem: str, keys: list[str]) -> tuple[Any, dict, in
     columns = ("uid", "caption") if job.lang_metrics else ("uid",)
     if keys:
         meta, arrays = read_stem(job.store, stem, keys, columns=columns)
-    else:  # caption metrics only: the npz is never opened
-        meta, arrays = read_meta(job.store, stem, columns), {}
+    else:  # caption metrics only: two parquet columns are read, the npz is never opened
+        meta, arrays = read_captions(job.store, stem), {}
     uid_type = meta.schema.field("uid").type
     if not (pa.types.is_string(uid_type) or pa.types.is_large_string(uid_type)):
         raise ShardError(f"{stem}: uid column has type {uid_type}, expected strings")
