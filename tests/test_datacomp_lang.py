@@ -48,6 +48,10 @@ def test_lang_columns_match_fasttext_and_cld3_as_datacomp_calls_them(tmp_path):
         assert np.float32(row["lang_score"]) == np.float32(probs[0])
         assert row["lang_cld3"] == cld3.FindLanguage(text=text.replace("\n", " ")).language
     assert [got[uid(i)]["lang"] for i in (0, 1, 9)] == ["en", "fr", "de"]
+    # DataComp's own calls on blank captions, which mmcurate records as "": no rule's decision
+    # changes (fastText rules need words, and CLD3 does not say en).
+    assert model.predict("")[0][0] == "__label__en"
+    assert {cld3.FindLanguage(text=t).language for t in ("", "   ", "\t")} == {"ja"}
     # CLD3 and fastText disagree on this caption, which makes laion2b differ from basic.
     assert got[uid(0)]["lang_cld3"] == "ga"
     marker = json.loads((out / "00000000.done.json").read_text())
