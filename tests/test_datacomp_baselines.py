@@ -319,16 +319,16 @@ def test_centroids_made_here_separate_the_pool_and_are_seeded(tmp_path):
     scores = tmp_path / "scores"
     assert invoke("score", meta, "--out", scores, "--metric", "lang").exit_code == 0
     runs = []
-    for name in ("a", "b"):
-        out = tmp_path / f"{name}.npy"
-        args = ["--keep", "datacomp:image_based", "--target", tmp_path / "target.npy"]
-        result = invoke(
-            "select", scores, "--store", meta, "--out", out, *args, "--image-clusters", "2"
-        )
+    args = ["--keep", "datacomp:image_based", "--target", tmp_path / "target.npy"]
+    made = ["--image-clusters", "2", "--save-centroids", tmp_path / "made.npy"]
+    for extra in (made, made, ["--centroids", tmp_path / "made.npy"]):
+        out = tmp_path / "subset.npy"
+        result = invoke("select", scores, "--store", meta, "--out", out, *args, *extra)
         assert result.exit_code == 0, result.output
         runs.append(out.read_bytes())
         assert kept(out) == set(range(0, n, 2))
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] == runs[2]  # seeded, and the saved centroids reproduce it
+    assert np.load(tmp_path / "made.npy").shape == (2, 4)
 
 
 def test_a_named_rule_on_a_million_rows_stays_within_selects_bytes_per_row(tmp_path):

@@ -107,6 +107,13 @@ def _stage_line(stage: dict) -> str:
     help="k-means clusters when no --centroids are given (at most rows/39).",
 )
 @click.option(
+    "--save-centroids",
+    type=click.Path(dir_okay=False),
+    default=default(SelectConfig, "save_centroids"),
+    help="Save the centroids k-means made here (no --centroids) as a .npy, for later runs' "
+    "--centroids.",
+)
+@click.option(
     "--wordnet",
     type=click.Path(file_okay=False),
     default=default(SelectConfig, "wordnet"),

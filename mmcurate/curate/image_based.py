@@ -23,6 +23,7 @@ from mmcurate.curate.centroids import load_centroids, nearest_by_inner_product
 from mmcurate.curate.datacomp_rules import Columns, caption_filter_mask
 from mmcurate.curate.pool import Pool
 from mmcurate.curate.semdedup import train_centroids, unit_rows
+from mmcurate.data.atomic import save_npy_atomic
 from mmcurate.errors import UsageError
 
 POINTS_PER_CLUSTER = 39  # FAISS's minimum without a warning
@@ -33,7 +34,8 @@ KMEANS_ITERATIONS = 20  # DataComp's image_based_clustering.py
 @dataclass(frozen=True)
 class ImageBasedConfig:
     """Inputs of the image-based rule: centroid file (None: k-means here), target paths, the
-    k-means cluster count and seed, the npz key (None: l14_img, else detected), device."""
+    k-means cluster count and seed, the npz key (None: l14_img, else detected), device, and
+    where to save centroids made here (None: not saved)."""
 
     centroids: str | None
     target: tuple[str, ...]
@@ -41,6 +43,7 @@ class ImageBasedConfig:
     seed: int
     img_key: str | None
     device: str
+    save_centroids: str | None = None
 
 
 class ImageBased:
@@ -105,7 +108,11 @@ class ImageBased:
         centroids = train_centroids(
             unit_rows(x), k, iterations=KMEANS_ITERATIONS, seed=self.config.seed
         )
-        return centroids, {"source": "k-means", "clusters": k, "train_rows": m}
+        made = {"source": "k-means", "clusters": k, "train_rows": m}
+        if self.config.save_centroids:
+            save_npy_atomic(self.config.save_centroids, centroids)
+            made["saved"] = str(self.config.save_centroids)
+        return centroids, made
 
     def run(self, pool: Pool, alive: np.ndarray, cols: Columns) -> tuple[np.ndarray, dict]:
         """The alive rows the rule keeps, and its record."""

@@ -36,8 +36,8 @@ class SelectConfig:
     fraction rule cuts ties (exact count or DataComp's threshold rule), subset files to
     combine, and the store, image key (None: detected), iterations, memory budget (None:
     NormSim-D's default) and seed of a NormSim-D stage; DataComp's image-based rule's centroid
-    file (None: k-means here, `image_clusters`), targets and device, and the text-based rule's
-    WordNet directory (None: NLTK's search path)."""
+    file (None: k-means here, `image_clusters`, saved to `save_centroids` when given), targets
+    and device, and the text-based rule's WordNet directory (None: NLTK's search path)."""
 
     keep: tuple[str, ...] = ()
     ties: str = EXACT
@@ -53,6 +53,7 @@ class SelectConfig:
     image_clusters: int = 100_000
     wordnet: str | None = None
     device: str = DEFAULT_DEVICE
+    save_centroids: str | None = None
 
 
 def select(
@@ -83,6 +84,7 @@ def select(
             seed,
             config.img_key,
             config.device,
+            config.save_centroids,
         )
         plan = plan_columns(parsed, paths, source, config.wordnet, image)
         rows, wide = sidecar_rows(paths, plan.metrics)

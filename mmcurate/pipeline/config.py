@@ -87,7 +87,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 PATH_KEYS = {
     "embed": ("src", "target_src"),
     "score": ("store", "target", "lang_model"),
-    "select": ("scores", "union", "intersect", "centroids", "target", "wordnet"),
+    "select": ("scores", "union", "intersect", "centroids", "target", "wordnet", "save_centroids"),
     "reshard": ("src", "subset"),
     "buffer": ("data", "image_root"),
     "distill": ("data", "buffers", "image_root"),
