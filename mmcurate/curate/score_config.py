@@ -9,6 +9,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mmcurate.curate.centroids import CENTROID, load_centroids
 from mmcurate.curate.dedup_plan import DedupConfig, check_config
 from mmcurate.curate.lang import (
     LANG,
@@ -24,7 +25,7 @@ from mmcurate.data.store import detect_keys, store_logit_scale
 from mmcurate.embed import DEFAULT_DEVICE, check_device_name
 from mmcurate.errors import UsageError
 
-METRICS = ("clipscore", "negclip", "normsim", "semdedup", *LANG_METRICS)
+METRICS = ("clipscore", "negclip", "normsim", "semdedup", CENTROID, *LANG_METRICS)
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 DEFAULT_TAU = 0.01
 
@@ -52,6 +53,7 @@ class ScoreConfig:
     dedup_keep: str = DedupConfig.keep
     dedup_train: int = DedupConfig.train
     lang_model: str | None = None
+    centroids: str | None = None
 
     def dedup(self) -> DedupConfig:
         """The SemDeDup settings these options give (the seed is the score seed)."""
@@ -86,6 +88,8 @@ class ScoreJob:
     dedup_key: str | None = None
     lang_model: str | None = None
     lang_model_sha256: str | None = None
+    centroids: str | None = None
+    centroids_sha256: str | None = None
 
     @property
     def keys(self) -> list[str]:
@@ -110,12 +114,13 @@ class ScoreJob:
         sig = {
             k: v
             for k, v in asdict(self).items()
-            if k not in ("out", "tau_source", "device", "lang_model")
+            if k not in ("out", "tau_source", "device", "lang_model", "centroids")
         }
         sig["store"] = str(Path(self.store).resolve())
         sig["ps"] = [normsim_column(p) for p in self.ps]
-        if sig["lang_model_sha256"] is None:
-            del sig["lang_model_sha256"]  # runs without --metric lang keep their signature
+        for key in ("lang_model_sha256", "centroids_sha256"):
+            if sig[key] is None:
+                del sig[key]  # runs without these metrics keep their signature
         return json.loads(json.dumps(sig))
 
 
@@ -227,6 +232,13 @@ def resolve_score(store: str, out: str, config: ScoreConfig, task_device: str = 
     for metric in LANG_METRICS:
         if metric in chosen:
             columns += LANG_COLUMNS[metric]
+    centroids = None
+    if CENTROID in chosen:
+        if config.centroids is None:
+            raise UsageError("--metric centroid needs --centroids (e.g. medium_centroids_l14.pt)")
+        load_centroids(config.centroids)
+        centroids = str(Path(config.centroids).resolve())
+        columns.append(CENTROID)
     lang_model = None
     if LANG in chosen:
         lang_model = str(model_path(config.lang_model).resolve())
@@ -253,4 +265,6 @@ def resolve_score(store: str, out: str, config: ScoreConfig, task_device: str = 
         dedup=config.dedup() if "semdedup" in chosen else None,
         lang_model=lang_model,
         lang_model_sha256=file_sha256(lang_model) if lang_model else None,
+        centroids=centroids,
+        centroids_sha256=file_sha256(centroids) if centroids else None,
     )

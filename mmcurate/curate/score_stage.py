@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mmcurate.curate.centroids import CENTROID, cached_centroids, nearest_by_inner_product
 from mmcurate.curate.dedup_stage import run_semdedup, semdedup_values
 from mmcurate.curate.lang import (
     LANG,
@@ -37,7 +38,12 @@ from mmcurate.curate.lang import (
 from mmcurate.curate.normsim import MaxAbsIndex, estimate_recall, gram, normsim_2, normsim_p
 from mmcurate.curate.precision import resolve_precision
 from mmcurate.curate.rows import torch_device
-from mmcurate.curate.score_config import ScoreConfig, ScoreJob, normsim_column, resolve_score
+from mmcurate.curate.score_config import (
+    ScoreConfig,
+    ScoreJob,
+    normsim_column,
+    resolve_score,
+)
 from mmcurate.curate.scores import clipscore, negclip_batch_count, negclip_scores
 from mmcurate.curate.targets import cached_derived, cached_target
 from mmcurate.curate.validity import valid_rows
@@ -168,6 +174,11 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
         columns[normsim_column(p)] = values
     if job.dedup:
         columns["semdedup"] = np.concatenate([s["semdedup"] for s in stems])
+    if job.centroids:
+        centroids = cached_centroids(job.centroids, job.centroids_sha256)
+        if centroids.shape[1] != dim:
+            raise ShardError(f"centroids have width {centroids.shape[1]}, embeddings have {dim}")
+        columns[CENTROID] = nearest_by_inner_product(img, centroids, job.device)
     _write_window(job, item, stems, columns, offsets, recall, precision)
     stats: dict[str, Any] = {
         "rows": int(offsets[-1]),
@@ -248,6 +259,7 @@ def _write_window(
         for name in job.columns:
             values = s["lang"][name] if name in s["lang"] else columns[name][lo:hi]
             kind = pa.string() if name in STRING_COLUMNS else pa.float32()
+            kind = pa.int32() if name == CENTROID else kind
             data[name] = pa.array(values, type=kind)
         write_parquet_atomic(Path(job.out) / f"{s['stem']}.scores.parquet", pa.table(data))
     for i, s in enumerate(stems):
