@@ -105,12 +105,14 @@ def test_a_bad_lang_model_is_refused_before_work(tmp_path):
         assert not (tmp_path / "s").exists()
 
 
-def test_lang_runs_per_stem_on_ray_with_the_local_bytes(tmp_path):
+def test_lang_and_centroid_run_per_stem_on_ray_with_the_local_bytes(tmp_path):
     import logging
 
     ray = pytest.importorskip("ray")
     meta = datacomp_meta(tmp_path / "meta")
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32))
     args = ["--metric", "lang", "--metric", "lang_cld3"]
+    args += ["--metric", "centroid", "--centroids", str(tmp_path / "c.npy"), "--window", "1"]
     assert score(meta, "--out", tmp_path / "local", *args).exit_code == 0
     ctx = ray.init(
         address="local",
