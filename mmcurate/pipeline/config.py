@@ -86,7 +86,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 PATH_KEYS = {
     "embed": ("src", "target_src"),
-    "score": ("store", "target", "lang_model"),
+    "score": ("store", "target", "lang_model", "centroids"),
     "select": ("scores", "union", "intersect", "centroids", "target", "wordnet", "save_centroids"),
     "reshard": ("src", "subset"),
     "buffer": ("data", "image_root"),
