@@ -14,7 +14,7 @@ Per seed s: 400 real training pairs and 500 test pairs of the procedural corpus
 (`mmcurate.demo.corpus.make_pairs`, seeds 1000 + s and 2000 + s, 32 px), the demo's budget
 (buffers of 8 experts × 4 epochs at batch 32, CLIP mean/std, squash, full batches, no
 augmentation as in the demo (`--buffer-set augment=true` for the reference's); the `tiny` preset,
-N = 20, mini-batch 10, 300 iterations; 3 evaluation students × 100 epochs, last epoch), and
+N = 20, mini-batch 10, 100 iterations; 3 evaluation students × 50 epochs, last epoch), and
 four training sets:
 - LoRS-20: the distilled set (learned S, WBCE, learned η);
 - MTT-20: the same distillation with S fixed to I and cross-entropy (the ablation of S);
@@ -119,7 +119,7 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         make_buffers(train, Path(tmp) / "buf", buffer, LocalExecutor(1, 1), device="cpu")
         buffers = load_buffers(Path(tmp) / "buf")
-        demo = {"pairs": 20, "mini_batch": 10, "iterations": 300, "seed": seed}
+        demo = {"pairs": 20, "mini_batch": 10, "iterations": 100, "seed": seed}
         config = resolve_config("tiny", **{**demo, **overrides(args.set)})
         art = distill(train, buffers, config, progress=False)
         mtt = mtt_artifact(art, train, buffers, progress=False)
@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--buffer-set", nargs="*", default=[], help="buffer KEY=VALUE overrides")
     parser.add_argument("--regime", choices=("pretrained", "scratch"), default="pretrained")
     parser.add_argument("--towers", default=TOWERS, help="pretrained towers' directory")
-    parser.add_argument("--eval-epochs", type=int, default=100, help="evaluation students' epochs")
+    parser.add_argument("--eval-epochs", type=int, default=50, help="evaluation students' epochs")
     parser.add_argument("--ablation", action="store_true", help="also the ablation rows")
     parser.add_argument("--json", default=None, help="write the per-seed results here")
     parser.add_argument("--towers-json", default=None, help=argparse.SUPPRESS)

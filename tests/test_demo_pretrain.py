@@ -17,7 +17,7 @@ from mmcurate.demo.pretrain import (
 )
 from mmcurate.demo.teacher import build_model
 
-FAST = PretrainConfig(steps=25, batch_size=32, warmup=5, seed=3)
+FAST = PretrainConfig(steps=15, batch_size=16, warmup=3, seed=3)
 
 
 def _fresh(seed):
@@ -35,10 +35,10 @@ def test_caption_labels_read_the_words_and_skip_generic_captions():
 
 
 def test_the_towers_learn_their_own_modality_and_nothing_else():
-    split = make_teacher_split(replace(DemoSizes(), train=96), 0)
-    assert len(split["concepts"]) == 96
+    split = make_teacher_split(replace(DemoSizes(), train=64), 0)
+    assert len(split["concepts"]) == 64
     labels = image_labels(split["concepts"])
-    assert labels.shape == (96, 5)
+    assert labels.shape == (64, 5)
     assert SHAPES[int(labels[0, 0])] == split["concepts"][0].shape
     image, image_stats = pretrain_image_tower(split["images"], split["concepts"], FAST)
     text, text_stats = pretrain_text_tower(split["captions"], FAST)

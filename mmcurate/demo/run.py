@@ -29,7 +29,6 @@ from mmcurate.demo.faults import DemoSizes, corpus_paths, make_teacher_split, wr
 from mmcurate.demo.measure import KEEP, measure
 from mmcurate.demo.pretrain import PretrainConfig, save_towers
 from mmcurate.demo.teacher import TeacherConfig, save_teacher, teacher_spec, train_teacher
-from mmcurate.distill.evaluate import EvalConfig
 from mmcurate.errors import UsageError
 
 DATA_VERSION = 4  # bump when the corpus, teacher or tower code changes: old demo data is remade
@@ -49,12 +48,12 @@ class DemoPlan:
     negclip_k: int = ScoreConfig.k
     experts: int = 8
     epochs: int = 4
-    iterations: int = 300
+    iterations: int = 100
     buffer_batch: int = 32
     pairs: int = 20
     mini_batch: int = 10
     num_eval: int = 3
-    eval_epochs: int = EvalConfig.epochs
+    eval_epochs: int = 50
     reshard_size: int = 200
     workers: int = 2
     threads: int = 1  # per process, as the demo's own steps: its figures match on any machine
