@@ -3,9 +3,12 @@ text tower, their fingerprints, distillation through a ViT, and the refusals of 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_cli
 
 from mmcurate.cli.main import cli
 from mmcurate.demo.corpus import generate_corpus
@@ -139,3 +142,19 @@ def test_bad_checkpoints_write_nothing(root, tmp_path):
     _one_line_error(_buffer(base, tmp_path / "c", other, text), "does not fit open_clip mmc-tiny")
     _one_line_error(_buffer(base, tmp_path / "d", root["image"], other), "does not fit")
     assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_a_changed_checkpoint_is_refused(root, tmp_path):
+    """The buffers' fingerprint pins the weights, not only the spec: a checkpoint overwritten
+    after the buffers were made is refused by distill (in a fresh process, as a user runs it)."""
+    base = root["root"]
+    shutil.copy(base / "image.pt", tmp_path / "image.pt")
+    image = f"open_clip:mmc-tiny@{tmp_path / 'image.pt'}"
+    made = _buffer(base, tmp_path / "buf", image, root["text"])
+    assert made.exit_code == 0, made.output
+    shutil.copy(base / "text.pt", tmp_path / "image.pt")
+    args = [str(base / "train"), "--buffers", str(tmp_path / "buf"), "--out", tmp_path / "x.pt"]
+    result = run_cli("distill", *args, *FAST)
+    assert result.returncode == 2, result.stderr
+    assert "was made with other weights of" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.pt").exists()
