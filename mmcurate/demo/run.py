@@ -108,7 +108,8 @@ def prepare_data(root: Path, plan: DemoPlan, seed: int, echo: Callable[[str], No
         echo(f"== data: corpus, teacher and towers of seed {seed} already in {data}, reused")
         return {
             **paths,
-            **record["towers"],
+            **students(data, plan.regime),
+            "towers_stats": record.get("towers_stats"),
             "teacher": teacher_spec(teacher_path),
             "teacher_stats": record["stats"],
         }
@@ -119,17 +120,33 @@ def prepare_data(root: Path, plan: DemoPlan, seed: int, echo: Callable[[str], No
     split = make_teacher_split(plan.sizes, seed)
     model, stats = train_teacher(split["images"], split["captions"], plan.teacher)
     spec = save_teacher(model, teacher_path)
-    towers = {**SCRATCH, "towers_stats": None}
+    towers = None
     if plan.regime == "pretrained":
         echo(
             f"== data: pretraining the students' towers apart ({plan.pretrain.steps} steps each: "
             "image attributes from pixels, attribute words from captions)"
         )
-        made = save_towers(split, plan.pretrain, data)
-        towers = {k: made[k] for k in SCRATCH} | {"towers_stats": made["stats"]}
+        towers = save_towers(split, plan.pretrain, data)["stats"]
     stats["data_seconds"] = round(time.perf_counter() - began, 2)
-    write_json_atomic(record_path, {"made_with": wanted, "stats": stats, "towers": towers})
-    return {**paths, **towers, "teacher": spec, "teacher_stats": stats}
+    record = {"made_with": wanted, "stats": stats, "towers_stats": towers}
+    write_json_atomic(record_path, record)
+    return {
+        **paths,
+        **students(data, plan.regime),
+        "towers_stats": towers,
+        "teacher": spec,
+        "teacher_stats": stats,
+    }
+
+
+def students(data: Path, regime: str) -> dict[str, str]:
+    """The students' tower specs: the towers pretrained under DATA, or the scratch ones."""
+    if regime == "scratch":
+        return dict(SCRATCH)
+    return {
+        "image_encoder": teacher_spec(data / "image_tower.pt"),
+        "text_encoder": teacher_spec(data / "text_tower.pt"),
+    }
 
 
 def _toml_value(value: Any) -> str:
