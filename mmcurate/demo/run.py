@@ -53,7 +53,7 @@ class DemoPlan:
     pairs: int = 20
     mini_batch: int = 10
     num_eval: int = 3
-    eval_epochs: int = 30
+    eval_epochs: int = 50
     reshard_size: int = 200
     workers: int = 2
     threads: int = 1  # per process, as the demo's own steps: its figures match on any machine
