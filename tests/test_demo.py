@@ -146,6 +146,12 @@ def test_reduced_demo_writes_report_and_summary(tmp_path):
         assert needle in result.stdout, needle
 
     summary = json.loads((out / "summary.json").read_text())
+    # the students' towers: pretrained apart on the clean split, named in the summary
+    assert summary["regime"] == "pretrained"
+    manifest = json.loads((out / "run" / "buffer" / "buffers.json").read_text())
+    assert manifest["image_encoder"].endswith("data/image_tower.pt")
+    assert manifest["text_encoder"].endswith("data/text_tower.pt")
+    assert manifest["image_weights"] != "random" and manifest["text_weights"] != "random"
     # every retrieval figure is the mean/std over that set's evaluation students' own files
     assert sorted(summary["retrieval"]) == ["distilled", "full", "mtt", "random"]
     for name, entry in summary["retrieval"].items():

@@ -113,7 +113,7 @@ def test_cache_encodes_once_and_bad_paths(tmp_path):
     with pytest.raises(UsageError, match="not found"):
         load_pairs(str(tmp_path / "nope.json"), image_size=8, text_encoder=TEXT, cache_dir=cache)
     with pytest.raises(UsageError, match="hf-text"):
-        load_pairs(data, image_size=8, text_encoder="open_clip:mmc-tiny", cache_dir=cache)
+        load_pairs(data, image_size=8, text_encoder="timm:mmc-tiny", cache_dir=cache)
 
 
 def test_shards_with_a_broken_shard(tmp_path, monkeypatch):

@@ -57,9 +57,15 @@ def _print_recalls(title: str, summary: dict, mean: float) -> None:
     "--image-encoder",
     default=default(BufferConfig, "image_encoder"),
     show_default=True,
-    help="timm name (NAME@/weights.pth, NAME@random), mmc-tiny, convnet-tiny or convnet-wW-dD.",
+    help="Trainable image tower: a timm name (pretrained; NAME@/weights.pth, NAME@random), "
+    "open_clip:ARCH[/tag][@ckpt] (its visual tower), mmc-tiny, convnet-tiny or convnet-wW-dD.",
 )
-@click.option("--text-encoder", default=default(BufferConfig, "text_encoder"), show_default=True)
+@click.option(
+    "--text-encoder",
+    default=default(BufferConfig, "text_encoder"),
+    show_default=True,
+    help="Frozen text tower: hf-text:NAME or open_clip:ARCH[/tag][@ckpt] (@random: untrained).",
+)
 @click.option(
     "--image-size", type=int, default=default(BufferConfig, "image_size"), show_default=True
 )

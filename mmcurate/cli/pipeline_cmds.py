@@ -73,8 +73,15 @@ def pipeline(config, start, until, workers, device, json_path) -> None:
     show_default=True,
     help="Scale every split and budget (0.2 is a quick smoke run; figures get noisier).",
 )
+@click.option(
+    "--regime",
+    type=click.Choice(["pretrained", "scratch"]),
+    default="pretrained",
+    show_default=True,
+    help="Student towers: pretrained apart on the clean split (the reference's) or from scratch.",
+)
 @click.option("--json", "json_path", default=None, help="Also write summary.json here.")
-def demo(out, seed, scale, json_path) -> None:
+def demo(out, seed, scale, regime, json_path) -> None:
     """The whole pipeline on the built-in corpus with injected faults, offline on CPU."""
     from mmcurate.demo.report import terminal_table
     from mmcurate.demo.run import run_demo
@@ -86,7 +93,9 @@ def demo(out, seed, scale, json_path) -> None:
         parts.append(f"--seed {seed}")
     if scale != 1.0:
         parts.append(f"--size {scale:g}")
-    summary = run_demo(out, scale=scale, seed=seed, command=" ".join(parts))
+    if regime != "pretrained":
+        parts.append(f"--regime {regime}")
+    summary = run_demo(out, scale=scale, seed=seed, regime=regime, command=" ".join(parts))
     click.echo("\n" + terminal_table(summary))
     click.echo(
         f"\nmmcurate demo: seed {seed}, {summary['seconds']:.0f} s; report {summary['report']}, "

@@ -118,18 +118,20 @@ def demo_uid(seed: int, split: str, index: int) -> str:
 
 
 def make_teacher_split(sizes: DemoSizes, seed: int) -> dict:
-    """The teacher's training pairs: images uint8 (n,H,W,3) and captions (some generic)."""
+    """The teacher's training pairs: images uint8 (n,H,W,3), captions (some generic) and the
+    concepts drawn (the image tower's pretraining labels)."""
     rng = np.random.default_rng([seed, 1])
-    images, captions = [], []
+    images, captions, concepts = [], [], []
     for _ in range(sizes.train):
         rare = rng.random() < sizes.rare_train_share
         concept = random_concept(rng, (RARE_COLOUR,) if rare else COMMON_COLOURS)
+        concepts.append(concept)
         images.append(render(concept, rng, sizes.image_size))
         if rng.random() < sizes.generic_train_share:
             captions.append(str(rng.choice(GENERIC_CAPTIONS)))
         else:
             captions.append(describe(concept, rng))
-    return {"images": np.stack(images), "captions": captions}
+    return {"images": np.stack(images), "captions": captions, "concepts": concepts}
 
 
 def _pool_record(fault: str, concept: Concept, caption: str, **extra) -> dict:

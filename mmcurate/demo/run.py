@@ -1,7 +1,9 @@
 """`mmcurate demo`: the whole pipeline on the built-in faulty corpus, offline on CPU, then a report.
 
 1. Write the corpus (pool with injected faults, target, test) and train the tiny teacher on its
-   separate clean split; both are kept and reused when the seed and sizes match.
+   separate clean split; in the pretrained regime (the default, the reference's) also pretrain
+   the students' image and text towers there, each alone on its own modality
+   (`mmcurate.demo.pretrain`). All are kept and reused when the seed and sizes match.
 2. Run `mmcurate pipeline` on a generated config: embed with the teacher, score (clipscore,
    negclip at the teacher's τ, normsim_inf against the target), select negclip:0.3 then
    normsim_inf:0.2, reshard, buffer, distill (`tiny` preset), evaluate against three baselines
@@ -25,11 +27,13 @@ from mmcurate.curate.score_config import ScoreConfig
 from mmcurate.data.atomic import read_json_dict, write_bytes_atomic, write_json_atomic
 from mmcurate.demo.faults import DemoSizes, corpus_paths, make_teacher_split, write_demo_corpus
 from mmcurate.demo.measure import KEEP, measure
+from mmcurate.demo.pretrain import PretrainConfig, save_towers
 from mmcurate.demo.teacher import TeacherConfig, save_teacher, teacher_spec, train_teacher
-from mmcurate.distill.evaluate import EvalConfig
+from mmcurate.errors import UsageError
 
-DATA_VERSION = 3  # bump when the corpus or teacher code changes, so old demo data is remade
-STUDENT = {"image_encoder": "convnet-tiny", "text_encoder": "hf-text:mmc-tiny-bert"}
+DATA_VERSION = 4  # bump when the corpus, teacher or tower code changes: old demo data is remade
+REGIMES = ("pretrained", "scratch")
+SCRATCH = {"image_encoder": "convnet-tiny", "text_encoder": "hf-text:mmc-tiny-bert"}
 
 
 @dataclass(frozen=True)
@@ -38,23 +42,28 @@ class DemoPlan:
 
     sizes: DemoSizes = field(default_factory=DemoSizes)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    regime: str = "pretrained"
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     negclip_batch: int = 256
     negclip_k: int = ScoreConfig.k
     experts: int = 8
     epochs: int = 4
-    iterations: int = 300
+    iterations: int = 100
     buffer_batch: int = 32
     pairs: int = 20
     mini_batch: int = 10
     num_eval: int = 3
-    eval_epochs: int = EvalConfig.epochs
+    eval_epochs: int = 50
     reshard_size: int = 200
     workers: int = 2
     threads: int = 1  # per process, as the demo's own steps: its figures match on any machine
 
     @classmethod
-    def scaled(cls, scale: float, seed: int) -> DemoPlan:
-        """The default plan (scale 1) or a smaller/larger one; the seed goes to the teacher."""
+    def scaled(cls, scale: float, seed: int, regime: str = "pretrained") -> DemoPlan:
+        """The default plan (scale 1) or a smaller/larger one; the seed goes to the teacher
+        and the towers; `regime` pretrained (the reference's) or scratch."""
+        if regime not in REGIMES:
+            raise UsageError(f"unknown regime {regime!r}: use {' or '.join(REGIMES)}")
         base = cls()
         sizes = DemoSizes.scaled(scale)
         small = min(scale, 1.0)
@@ -65,6 +74,10 @@ class DemoPlan:
             sizes=sizes,
             teacher=replace(
                 base.teacher, steps=max(40, int(base.teacher.steps * scale)), seed=seed
+            ),
+            regime=regime,
+            pretrain=replace(
+                base.pretrain, steps=max(40, int(base.pretrain.steps * scale)), seed=seed
             ),
             negclip_batch=min(base.negclip_batch, sizes.pool // 2),
             experts=max(2, int(round(base.experts * small))),
@@ -86,13 +99,20 @@ def prepare_data(root: Path, plan: DemoPlan, seed: int, echo: Callable[[str], No
         "seed": seed,
         "sizes": asdict(plan.sizes),
         "teacher": asdict(plan.teacher),
+        **({"pretrain": asdict(plan.pretrain)} if plan.regime == "pretrained" else {}),
     }
     paths = corpus_paths(data / "corpus", plan.sizes)
     teacher_path = data / "teacher.pt"
     record = read_json_dict(record_path) or {}
     if record.get("made_with") == wanted and "stats" in record and teacher_path.is_file():
-        echo(f"== data: corpus and teacher of seed {seed} already in {data}, reused")
-        return {**paths, "teacher": teacher_spec(teacher_path), "teacher_stats": record["stats"]}
+        echo(f"== data: corpus, teacher and towers of seed {seed} already in {data}, reused")
+        return {
+            **paths,
+            **students(data, plan.regime),
+            "towers_stats": record.get("towers_stats"),
+            "teacher": teacher_spec(teacher_path),
+            "teacher_stats": record["stats"],
+        }
     began = time.perf_counter()
     echo(f"== data: writing the corpus ({plan.sizes.pool} pool pairs with injected faults)")
     write_demo_corpus(data / "corpus", plan.sizes, seed)
@@ -100,9 +120,33 @@ def prepare_data(root: Path, plan: DemoPlan, seed: int, echo: Callable[[str], No
     split = make_teacher_split(plan.sizes, seed)
     model, stats = train_teacher(split["images"], split["captions"], plan.teacher)
     spec = save_teacher(model, teacher_path)
+    towers = None
+    if plan.regime == "pretrained":
+        echo(
+            f"== data: pretraining the students' towers apart ({plan.pretrain.steps} steps each: "
+            "image attributes from pixels, attribute words from captions)"
+        )
+        towers = save_towers(split, plan.pretrain, data)["stats"]
     stats["data_seconds"] = round(time.perf_counter() - began, 2)
-    write_json_atomic(record_path, {"made_with": wanted, "stats": stats})
-    return {**paths, "teacher": spec, "teacher_stats": stats}
+    record = {"made_with": wanted, "stats": stats, "towers_stats": towers}
+    write_json_atomic(record_path, record)
+    return {
+        **paths,
+        **students(data, plan.regime),
+        "towers_stats": towers,
+        "teacher": spec,
+        "teacher_stats": stats,
+    }
+
+
+def students(data: Path, regime: str) -> dict[str, str]:
+    """The students' tower specs: the towers pretrained under DATA, or the scratch ones."""
+    if regime == "scratch":
+        return dict(SCRATCH)
+    return {
+        "image_encoder": teacher_spec(data / "image_tower.pt"),
+        "text_encoder": teacher_spec(data / "text_tower.pt"),
+    }
 
 
 def _toml_value(value: Any) -> str:
@@ -145,7 +189,7 @@ def pipeline_config(root: Path, data: dict, plan: DemoPlan, seed: int) -> dict[s
             # plain experts: at 32 px the reference's crops and RandAugment leave the tiny
             # preset's margin over random pairs within noise (benchmarks/bench_lors_margin.py)
             "augment": False,
-            **STUDENT,
+            **{k: data[k] for k in SCRATCH},
         },
         "distill": {
             "preset": "tiny",
@@ -189,6 +233,8 @@ def build_summary(measured: dict, data: dict, plan: DemoPlan, seed: int, extra: 
         "overlap": measured["overlap"],
         "duplicates": measured["duplicates"],
         "retrieval": measured["retrieval"],
+        "regime": plan.regime,
+        "towers": {k: data[k] for k in (*SCRATCH, "towers_stats")},
         "seed": seed,
         "teacher": data["teacher_stats"],
         "plan": asdict(plan),
@@ -201,6 +247,7 @@ def run_demo(
     *,
     scale: float,
     seed: int,
+    regime: str = "pretrained",
     progress: bool = True,
     echo: Callable[[str], None] = click.echo,
     command: str = "mmcurate demo",
@@ -212,7 +259,7 @@ def run_demo(
     began = time.perf_counter()
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    plan = DemoPlan.scaled(scale, seed)
+    plan = DemoPlan.scaled(scale, seed, regime)
     data = prepare_data(root, plan, seed, echo)
     config = pipeline_config(root, data, plan, seed)
     config_path = root / "pipeline.toml"
@@ -231,6 +278,8 @@ def run_demo(
         ),
         "negclip": f"B = {plan.negclip_batch}, K = {plan.negclip_k}, τ = {measured['tau']:.4f}",
         "selection": " then ".join(KEEP),
+        "regime": f"{plan.regime}: image tower {data['image_encoder']} (fine-tuned), text tower "
+        f"{data['text_encoder']} (frozen)",
         "distill": f"tiny preset, N = {plan.pairs}, {plan.iterations} iterations; buffers of "
         f"{plan.experts} experts × {plan.epochs} epochs, batch {plan.buffer_batch}",
         "evaluate": f"{plan.num_eval} students × {plan.eval_epochs} epochs each, last epoch; "

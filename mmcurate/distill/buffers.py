@@ -29,7 +29,13 @@ from mmcurate.distill.data import PairSet, from_cache, memory_stem, prepare_pair
 from mmcurate.distill.heap import keep_freed_heap
 from mmcurate.distill.losses import symmetric_ce
 from mmcurate.distill.sources import absolute_data
-from mmcurate.distill.students import build_student, canonical_image_encoder, normalize_images
+from mmcurate.distill.students import build_student, normalize_images
+from mmcurate.distill.towers import (
+    canonical_image_encoder,
+    check_expected_towers,
+    load_text_encoder,
+    tower_weights,
+)
 from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import ShardError, UsageError
@@ -165,12 +171,15 @@ def expert_meta(config: BufferConfig, pairs: PairSet, index: int, student_dims: 
     }
 
 
-def _dims(config: BufferConfig, text_dim: int) -> dict:
+def _dims(config: BufferConfig) -> dict:
+    """The student's sizes and where its towers start; refuses towers that do not load."""
+    text_dim = int(load_text_encoder(config.text_encoder).dim)
     student = build_student(config.image_encoder, text_dim, config.image_size, 0)
     return {
         "n_img": student.image_layout.size,
         "n_txt": student.text_layout.size,
         "embed_dim": student.embed_dim,
+        **tower_weights(config.image_encoder, config.text_encoder, config.image_size),
     }
 
 
@@ -246,6 +255,7 @@ def make_buffers(
     config = replace(config, image_encoder=canonical_image_encoder(config.image_encoder)).check()
     out = Path(out_dir)
     _check_manifest(out, config, None)
+    dims = _dims(config)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     if isinstance(data, PairSet):
         if data.image_size != config.image_size or data.text_encoder != config.text_encoder:
@@ -280,7 +290,6 @@ def make_buffers(
         )
     source = data.source if isinstance(data, PairSet) else str(data)
     _check_manifest(out, config, stem)
-    dims = _dims(config, pairs.text_dim)
     write_json_atomic(
         out / MANIFEST,
         {"version": FORMAT_VERSION, **asdict(config), **dims, "data": source, "cache": stem},
@@ -381,8 +390,9 @@ def load_buffers(directory: str | os.PathLike, expect: dict | None = None) -> Bu
             if e["meta"].get(key) != meta.get(key):
                 raise UsageError(f"buffer file {path} differs from the others in {key}")
     expect = dict(expect or {})
-    if expect.get("image_encoder"):
-        expect["image_encoder"] = canonical_image_encoder(expect["image_encoder"])
+    check_expected_towers(meta, expect, str(root))
+    for key in ("image_encoder", "text_encoder", "image_weights", "text_weights"):
+        expect.pop(key, None)
     labels = {"normalize": "image normalisation", "resize": "resize mode"}
     for key, value in expect.items():
         if value is not None and meta.get(key) != value:

@@ -37,6 +37,7 @@ from mmcurate.distill.sources import (
     read_shards,
     shard_urls,
 )
+from mmcurate.distill.towers import load_text_encoder
 from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.errors import MmcurateError, ShardError, UsageError
 from mmcurate.progress import progress_bar
@@ -109,18 +110,6 @@ def encode_captions(encoder, captions: Sequence[str], batch_size: int = 256) -> 
     return torch.cat(chunks).float()
 
 
-def load_text_encoder(spec: str, device: str = DEFAULT_DEVICE):
-    """The frozen text encoder of the students (an `hf-text:` spec of the embedding layer)."""
-    from mmcurate.embed import load_encoder
-
-    if not spec.startswith("hf-text:"):
-        raise UsageError(f"--text-encoder must be an hf-text: spec, got {spec!r}")
-    encoder = load_encoder(spec, device)
-    if not encoder.has_text:
-        raise UsageError(f"text encoder {spec!r} has no text tower")
-    return encoder
-
-
 def _fingerprint(
     data: str, size: int, text_encoder: str, image_root: str | None, resize: str
 ) -> tuple:
@@ -133,7 +122,8 @@ def _fingerprint(
         name = Path(str(data).rstrip("/")).name or "data"
     key = f"v{CACHE_VERSION}|{size}|{resize}|{text_encoder}|{image_root}"
     h = hashlib.sha1(key.encode())
-    for item in inputs:
+    checkpoint = text_encoder.partition("@")[2]
+    for item in [*inputs, checkpoint] if os.path.isfile(checkpoint) else inputs:
         h.update(item.encode())
         if os.path.exists(item):
             st = os.stat(item)

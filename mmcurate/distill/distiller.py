@@ -24,6 +24,7 @@ from mmcurate.distill.sampling import expert_for, mini_batches, pick_init_pairs,
 from mmcurate.distill.similarity import make_similarity
 from mmcurate.distill.sources import absolute_data
 from mmcurate.distill.students import Student, build_student, normalize_images
+from mmcurate.distill.towers import check_tower_weights, math_attention
 from mmcurate.errors import MmcurateError, UsageError
 from mmcurate.progress import progress_bar
 
@@ -120,6 +121,7 @@ def artifact_config(config: DistillConfig, buffers: Buffers, extra: dict) -> dic
         "image_size": int(m["image_size"]),
         "text_dim": int(m["text_dim"]),
         "embed_dim": int(m["embed_dim"]),
+        **{k: m[k] for k in ("image_weights", "text_weights") if k in m},
         "mean": list(m["mean"]),
         "std": list(m["std"]),
         "normalize": m["normalize"],
@@ -237,9 +239,15 @@ def _loop(
         seg = Segment(*(p.to(device=device, dtype=torch.float32) for p in parts))
         batches = mini_batches(config.pairs, config.mini_batch, config.syn_steps, gen)
         optimizer.zero_grad(set_to_none=True)
-        result = matcher(
-            student, loss_fn, syn, seg, [b.to(device) for b in batches], config.merge_loss_branches
-        )
+        with math_attention():
+            result = matcher(
+                student,
+                loss_fn,
+                syn,
+                seg,
+                [b.to(device) for b in batches],
+                config.merge_loss_branches,
+            )
         if not np.isfinite(result.loss):
             raise MmcurateError(
                 f"matching loss became {result.loss} at iteration {it}; lower --lr-img, "
@@ -303,6 +311,7 @@ def run_distill(
     dev = resolve_device(device)
     data = absolute_data(str(data))
     buffers = load_buffers(buffers_dir, expect)
+    check_tower_weights(buffers.meta, f"buffers in {buffers_dir}")
     real = load_pairs(
         data,
         image_size=int(buffers.meta["image_size"]),

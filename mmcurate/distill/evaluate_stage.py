@@ -22,7 +22,7 @@ from typing import Any
 
 from mmcurate.data.atomic import read_json_dict, write_json_atomic
 from mmcurate.distill.artifact import load_artifact
-from mmcurate.distill.buffers import expert_paths, load_buffers
+from mmcurate.distill.buffers import load_buffers
 from mmcurate.distill.data import load_pairs
 from mmcurate.distill.evaluate import (
     EvalConfig,
@@ -36,6 +36,7 @@ from mmcurate.distill.evaluate import (
     summarize_students,
 )
 from mmcurate.distill.sources import absolute_data
+from mmcurate.distill.towers import check_tower_weights
 from mmcurate.embed import DEFAULT_DEVICE, resolve_device
 from mmcurate.engine import Executor, run_stage, summarise
 from mmcurate.errors import UsageError
@@ -114,7 +115,7 @@ def distill_mtt(job: EvalJob) -> dict:
     job.mtt."""
     art = load_artifact(job.artifact)
     train = load_pairs(job.train, **job.load)
-    buffers = load_buffers(job.buffers)
+    buffers = load_buffers(job.buffers, tower_pins(art["config"]))
     dev = resolve_device(job.device)
     mtt_artifact(art, train, buffers, dev, job.mtt, progress=job.progress, pairs=job.pairs)
     return {"rows": 1, "pairs": job.pairs}
@@ -146,6 +147,12 @@ def collect_set(out: str | os.PathLike, name: str, num_eval: int) -> dict:
         best = result["best_on_test"]
         result["best_on_test"] = {**best.pop("summary"), **best}
     return result
+
+
+def tower_pins(cfg: dict) -> dict:
+    """What buffers must share with a distilled set: both towers and their starting weights."""
+    keys = ("image_encoder", "text_encoder", "image_weights", "text_weights")
+    return {k: cfg[k] for k in keys if k in cfg}
 
 
 def _check_sets(sets: Sequence[str], train: str | None) -> None:
@@ -191,6 +198,7 @@ def run_evaluate(
     n = int(art["images"].shape[0]) if pairs is None else int(pairs)
     if n < 1:
         raise UsageError("--pairs must be >= 1")
+    check_tower_weights(cfg, f"the distilled set {artifact}")
     arch = architecture(cfg)
     load = {
         "image_size": int(cfg["image_size"]),
@@ -219,7 +227,7 @@ def run_evaluate(
         mtt_out = mtt_out or Path(artifact).with_name(
             Path(artifact).name.removesuffix(".pt") + f".mtt{n}.pt"
         )
-        expert_paths(mtt_buffers)
+        load_buffers(mtt_buffers, tower_pins(cfg))
     with ExitStack() as stack:
         work = Path(out) if out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         job = EvalJob(

@@ -59,7 +59,7 @@ def _row(pairs, lr, lr_sim, rank, alpha, mini_batch, *, lr_txt=None, **departure
 
 
 _TINY = {
-    "iterations": 300,
+    "iterations": 100,
     "expert_epochs": 2,
     "augment": False,
     "init": "distinct",
@@ -74,9 +74,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "coco-100": _row(99, 1000, 5, 10, 1, 20, **_COCO),
     "coco-200": _row(199, 1000, 50, 20, 1, 20, **_COCO, iterations=2000),
     "coco-500": _row(499, 5000, 500, 40, 1, 30, **_COCO, temperature=0.1, augment=False),
-    # mmcurate's own, for the tiny built-in students: η in log space (the published linear η
-    # goes negative within the first iterations there), distinct, clean initial images, and a
-    # two-epoch target (bench_lors_margin.py: margin over random -0.37 with one epoch at lr 300).
+    # mmcurate's own, for the tiny built-in students (the demo's pretrained towers): η in log
+    # space (the published linear η goes negative within the first iterations there), distinct,
+    # clean initial images, a two-epoch target and 100 iterations (bench_lors_margin.py).
     "tiny": _row(20, 100, 0.3, 4, 1, 10, warmup=50, lr_txt=30, lr_lr=3e-3, **_TINY),
 }
 MATCHING = ("tesla", "full")

@@ -7,7 +7,6 @@ Parameters live in two flat vectors (image, text) and the forward pass goes thro
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,37 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mmcurate.embed.encoders import TINY_TIMM
+from mmcurate.distill.towers import image_backbone
 from mmcurate.errors import UsageError
 
 TEMPERATURE = 0.07
-_CONVNET = re.compile(r"^convnet-w(\d+)-d(\d+)$")
-
-
-class ConvNet(nn.Module):
-    """The MTT ConvNet: depth x [conv3x3, instance norm, ReLU, avg-pool 2], flatten, linear."""
-
-    def __init__(self, width: int, depth: int, image_size: int, out_dim: int) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels, size = 3, image_size
-        for _ in range(depth):
-            layers += [
-                nn.Conv2d(channels, width, 3, padding=1),
-                nn.GroupNorm(width, width, affine=True),
-                nn.ReLU(),
-                nn.AvgPool2d(2),
-            ]
-            channels, size = width, size // 2
-        if size < 1:
-            raise UsageError(f"image size {image_size} is too small for a ConvNet of depth {depth}")
-        self.features = nn.Sequential(*layers)
-        self.fc = nn.Linear(width * size * size, out_dim)
-        self.num_features = out_dim
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Pooled image features (n, out_dim)."""
-        return self.fc(self.features(x).flatten(1))
 
 
 class ProjectionHead(nn.Module):
@@ -63,50 +35,6 @@ class ProjectionHead(nn.Module):
         """Projected text features (n, out_dim)."""
         p = self.projection(x)
         return self.layer_norm(self.dropout(self.fc(F.gelu(p))) + p)
-
-
-def _timm_backbone(name: str) -> nn.Module:
-    """A timm model without classifier; `name@path` loads local weights, `name@random` none."""
-    import timm
-
-    base, _, weights = name.partition("@")
-    tiny = base == "mmc-tiny"
-    arch = TINY_TIMM if tiny else base
-    if not timm.is_model(arch):
-        raise UsageError(f"unknown image encoder {name!r}: not convnet-tiny, convnet-wW-dD or timm")
-    if tiny or weights == "random":
-        return timm.create_model(arch, pretrained=False, num_classes=0)
-    if weights:
-        try:
-            return timm.create_model(
-                arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": weights}
-            )
-        except Exception as exc:
-            raise UsageError(f"cannot load weights {weights} for timm:{arch}: {exc}") from None
-    try:
-        return timm.create_model(arch, pretrained=True, num_classes=0)
-    except Exception:
-        raise UsageError(
-            f"ImageNet weights for timm:{arch} could not be fetched; "
-            f"use --image-encoder {arch}@/local/weights.pth (or {arch}@random)"
-        ) from None
-
-
-def canonical_image_encoder(name: str) -> str:
-    """The image encoder name as stored in buffers: a `timm:` prefix is dropped."""
-    return name.removeprefix("timm:")
-
-
-def image_backbone(name: str, image_size: int) -> nn.Module:
-    """The image encoder named by NAME: convnet-tiny, convnet-wW-dD, mmc-tiny or a timm model."""
-    name = canonical_image_encoder(name)
-    if name == "convnet-tiny":
-        return ConvNet(32, 3, image_size, 64)
-    match = _CONVNET.match(name)
-    if match:
-        width, depth = int(match.group(1)), int(match.group(2))
-        return ConvNet(width, depth, image_size, width)
-    return _timm_backbone(name)
 
 
 @dataclass(frozen=True)

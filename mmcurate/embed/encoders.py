@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import os
 import re
@@ -52,6 +53,12 @@ class Encoder:
     logit_scale: float | None
     image_fn: Callable[[torch.Tensor], torch.Tensor] | None
     text_fn: Callable[[list[str]], torch.Tensor] | None
+    model: torch.nn.Module | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the encoder's weights (students record where they started)."""
+        return weights_fingerprint(self.model) if self.model is not None else ""
 
     @property
     def has_image(self) -> bool:
@@ -115,6 +122,21 @@ def _load_state_dict(path: str, spec: str) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha1 of a module's state (names, shapes, float32 values), 16 hex digits."""
+    h = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def is_random_start(s: EncoderSpec) -> bool:
+    """True when a spec starts from random weights: `@random`, or a tiny config without a
+    checkpoint."""
+    return s.checkpoint == "random" or (s.is_tiny and s.checkpoint is None)
+
+
 def _seeded_init(build: Callable):
     """Build a randomly initialised model identically in every process."""
     with torch.random.fork_rng(devices=[]):
@@ -122,23 +144,40 @@ def _seeded_init(build: Callable):
         return build()
 
 
-def _open_clip(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
+def open_clip_model(s: EncoderSpec, spec: str, seeded: bool = True) -> tuple:
+    """An open_clip model and its preprocessing with the spec's weights (`@random`: none; a
+    tiny config: random unless `@ckpt`); a checkpoint that does not load is refused in one line."""
     import open_clip
 
     if s.is_tiny:
         open_clip.add_model_config(ASSETS / "mmc-tiny.json")
     if s.name not in open_clip.list_models():
         raise UsageError(f"bad encoder spec {spec!r}: open_clip has no model {s.name!r}")
+    pretrained = None if s.checkpoint == "random" else s.pretrained
     try:
-        model, _, preprocess = _seeded_init(
-            lambda: open_clip.create_model_and_transforms(s.name, pretrained=s.pretrained)
+        build = functools.partial(
+            open_clip.create_model_and_transforms, s.name, pretrained=pretrained
         )
+        model, _, preprocess = _seeded_init(build) if seeded else build()
     except UsageError:
         raise
     except Exception as exc:
         raise _weights_error(spec, exc, f"open_clip:{s.name}@/path/to/checkpoint.pt") from None
-    if s.checkpoint:
-        model.load_state_dict(_load_state_dict(s.checkpoint, spec))
+    if s.checkpoint and s.checkpoint != "random":
+        try:
+            model.load_state_dict(_load_state_dict(s.checkpoint, spec))
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise UsageError(
+                f"checkpoint of {spec!r} does not fit open_clip {s.name}: {reason[:200]}"
+            ) from None
+    return model, preprocess
+
+
+def _open_clip(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
+    import open_clip
+
+    model, preprocess = open_clip_model(s, spec)
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(s.name)
     with torch.inference_mode():
@@ -152,6 +191,7 @@ def _open_clip(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
         logit_scale=float(model.logit_scale.exp().item()),
         image_fn=model.encode_image,
         text_fn=lambda texts: model.encode_text(tokenizer(texts).to(device)),
+        model=model,
     )
 
 
@@ -234,12 +274,12 @@ def _timm(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
     arch = TINY_TIMM if s.is_tiny else s.name
     if not timm.is_model(arch):
         raise UsageError(f"bad encoder spec {spec!r}: timm has no model {s.name!r}")
-    pretrained = not s.is_tiny and s.checkpoint is None
+    pretrained = not is_random_start(s) and s.checkpoint is None
     try:
         model = _seeded_init(lambda: timm.create_model(arch, pretrained=pretrained, num_classes=0))
     except Exception as exc:
         raise _weights_error(spec, exc, f"timm:{s.name}@/path/to/weights.pth") from None
-    if s.checkpoint:
+    if s.checkpoint and s.checkpoint != "random":
         state = _load_state_dict(s.checkpoint, spec)
         missing, _ = model.load_state_dict(state, strict=False)
         if missing:
@@ -261,6 +301,7 @@ def _timm(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
         logit_scale=None,
         image_fn=model,
         text_fn=None,
+        model=model,
     )
 
 
@@ -287,6 +328,16 @@ def _hf_text(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
 
     if s.is_tiny:
         model, tokenizer = _tiny_bert()
+    elif s.checkpoint == "random":
+        from transformers import AutoConfig
+
+        local = _hf_local(s.name)
+        try:
+            config = AutoConfig.from_pretrained(s.name, local_files_only=local)
+            tokenizer = AutoTokenizer.from_pretrained(s.name, local_files_only=local)
+        except Exception as exc:
+            raise _weights_error(spec, exc, "hf-text:/path/to/local/model_dir") from None
+        model = _seeded_init(lambda: AutoModel.from_config(config))
     else:
         local = _hf_local(s.name)
         try:
@@ -312,6 +363,7 @@ def _hf_text(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
         logit_scale=None,
         image_fn=None,
         text_fn=text_fn,
+        model=model,
     )
 
 

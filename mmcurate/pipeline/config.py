@@ -93,7 +93,7 @@ PATH_KEYS = {
     "distill": ("data", "buffers", "image_root"),
     "evaluate": ("artifact", "train", "test", "image_root"),
 }
-SPEC_KEYS = {"embed": ("model", "text_model"), "buffer": ("image_encoder",)}
+SPEC_KEYS = {"embed": ("model", "text_model"), "buffer": ("image_encoder", "text_encoder")}
 
 
 def as_list(value: Any) -> list:

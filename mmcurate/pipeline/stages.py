@@ -134,7 +134,8 @@ def buffer_stage(ctx: Context) -> tuple[dict, list[Path]]:
     return summary, [expert_path(out, i) for i in range(config.experts)]
 
 
-DISTILL_PINS = ("image_size", "text_encoder", "normalize", "resize")  # buffer keys distill checks
+# the buffer keys distill checks
+DISTILL_PINS = ("image_encoder", "image_size", "text_encoder", "normalize", "resize")
 
 
 def distill_stage(ctx: Context) -> tuple[dict, list[Path]]:
