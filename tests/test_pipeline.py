@@ -242,6 +242,26 @@ def test_from_and_until(tmp_path, corpus):
     assert "has not finished" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_select_rules_that_read_the_store_get_it(tmp_path, corpus):
+    keep = ("negclip:0.6", "caption_words>4")
+    cfg = make_config(tmp_path / "pipeline.toml", corpus, keep=keep)
+    done = run_cli("pipeline", cfg, "--until", "select")
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "run"
+    direct = tmp_path / "direct.npy"
+    rules = [arg for rule in keep for arg in ("--keep", rule)]
+    alone = run_cli(
+        "select", run / "score", "--store", run / "embed" / "store", "--out", direct, *rules
+    )
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert (run / "select" / "subset.npy").read_bytes() == direct.read_bytes()
+    negclip_only = tmp_path / "negclip.npy"
+    assert (
+        run_cli("select", run / "score", "--out", negclip_only, "--keep", keep[0]).returncode == 0
+    )
+    assert 0 < len(np.load(direct)) < len(np.load(negclip_only))
+
+
 def test_bad_configs_are_refused_before_any_work(tmp_path):
     cfg = tmp_path / "bad.toml"
     cases = {

@@ -85,10 +85,10 @@ def score_stage(ctx: Context) -> tuple[dict, list[Path]]:
 
 
 def select_stage(ctx: Context) -> tuple[dict, list[Path]]:
-    """Chained --keep rules over the sidecars into subset.npy + subset.json."""
+    """Chained --keep rules over the sidecars into subset.npy + subset.json; the store is there
+    for the rules that read it (NormSim-D, DataComp's caption and image-size rules)."""
     c = ctx.section("select")
-    uses_d = any(str(r).startswith("normsim_d") for r in as_list(c["keep"]))
-    extra = {"seed": ctx.plan.seed, "store": _store(ctx) if uses_d else None}
+    extra = {"seed": ctx.plan.seed, "store": _store(ctx)}
     if "img_key" in ctx.section("score"):
         extra["img_key"] = ctx.section("score")["img_key"]
     out = ctx.path("select", "subset.npy")
