@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmcurate.data.store import check_stem_file
 from mmcurate.data.uid import UID_DTYPE, hex_to_pairs
 from mmcurate.errors import ShardError, UsageError
 
@@ -89,6 +90,7 @@ def sidecar_rows(paths: Sequence[Path], metrics: Sequence[str]) -> tuple[list[in
     rows = []
     wide: set[str] = set()
     for path in paths:
+        check_stem_file(path.parent, sidecar_stem(path), path.name)
         try:
             meta = pq.read_metadata(path)
             schema = meta.schema.to_arrow_schema()

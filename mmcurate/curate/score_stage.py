@@ -34,6 +34,7 @@ from mmcurate.curate.targets import cached_derived, cached_target
 from mmcurate.curate.validity import valid_rows
 from mmcurate.curate.windows import WindowItem, WindowRows, window_is_done, window_items
 from mmcurate.data.atomic import write_json_atomic, write_parquet_atomic
+from mmcurate.data.markers import FILES, vouch
 from mmcurate.data.store import done_path, read_stem
 from mmcurate.engine import Executor, report_progress, run_stage, summarise
 from mmcurate.errors import ShardError
@@ -235,6 +236,7 @@ def _write_window(
         }
         if recall is not None:
             marker["normsim_inf_recall"] = recall
+        marker[FILES] = vouch([Path(job.out) / f"{s['stem']}.scores.parquet"], job.out)
         write_json_atomic(done_path(job.out, s["stem"]), marker)
 
 

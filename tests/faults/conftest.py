@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from faults.figures import DEFAULT_JSON, FIGURES, table, write
+from faults.figures import DEFAULT_JSON, FIGURES, fault_table, table, write
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
@@ -17,4 +17,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     write(path, data)
     terminalreporter.write_sep("=", "mmcurate fault figures")
     terminalreporter.write_line(table(data))
+    terminalreporter.write_line(fault_table(data))
     terminalreporter.write_line(f"figures JSON: {path}")
