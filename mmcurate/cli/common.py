@@ -84,7 +84,8 @@ def print_summary(title: str, summary: dict, extra: dict | None = None) -> None:
             f"skipped {sum(skipped.values())} ({reasons})"
         )
     for key, value in (extra or {}).items():
-        click.echo(f"  {key}: {value}")
+        if value is not None:  # e.g. threads when no item ran
+            click.echo(f"  {key}: {value}")
     if failed:
         click.echo("  failed:")
         for name, reason in sorted(failed.items()):

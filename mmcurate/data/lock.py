@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mmcurate.data.atomic import read_json_dict
+from mmcurate.data.atomic import disk_full, read_json_dict
 from mmcurate.errors import UsageError
 
 LOCK_NAME = ".mmcurate.lock"
@@ -111,10 +111,16 @@ def _create(path: Path, record: dict) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(record, sort_keys=True))
-        fh.flush()
-        os.fsync(fh.fileno())
+    except OSError as exc:
+        raise disk_full(path, exc) or exc from None
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(record, sort_keys=True))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise disk_full(path, exc) or exc from None
     return True
 
 
