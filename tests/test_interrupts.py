@@ -31,6 +31,20 @@ MODES = {
 }
 
 
+def _ray_processes() -> set[int]:
+    """Live Ray processes of any session (raylet, gcs_server, ray:: workers)."""
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(k in cmd for k in (b"raylet", b"gcs_server", b"ray::")):
+            found.add(int(entry))
+    return found
+
+
 def _run(args: list[str], log: Path) -> subprocess.CompletedProcess:
     with open(log, "wb") as err:
         proc = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=err, env=ENV, timeout=900)
@@ -42,6 +56,7 @@ def interrupt(args: list[str], out: Path, mode: str, log: Path, after: int = 1) 
     """Start the command in its own session, wait until `after` stems are done, signal it as
     `mode` says; return what happened: exit code, seconds to stop, stderr, survivors."""
     signum, group, count, _ = MODES[mode]
+    ray_before = _ray_processes()
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=err, env=ENV, start_new_session=True
@@ -69,7 +84,9 @@ def interrupt(args: list[str], out: Path, mode: str, log: Path, after: int = 1) 
     grace = time.monotonic() + 5
     while _session(proc.pid) and time.monotonic() < grace:
         time.sleep(0.05)
-    left = _session(proc.pid)
+    while _ray_processes() - ray_before and time.monotonic() < grace:
+        time.sleep(0.05)
+    left = _session(proc.pid) + sorted(_ray_processes() - ray_before)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     return {
@@ -120,8 +137,8 @@ def check_interrupt(
     assert identical, "the resumed result differs from an uninterrupted run"
 
 
-SCORE_FLAGS = ["--metric", "negclip", "--k", "10", "--batch-size", "512", "--window", "1"]
-SCORE_FLAGS += ["--workers", "2", "--threads", "1"]
+BASE_FLAGS = ["--metric", "negclip", "--k", "10", "--batch-size", "512", "--window", "1"]
+SCORE_FLAGS = [*BASE_FLAGS, "--workers", "2", "--threads", "1"]
 STEMS, ROWS = 24, 1000
 
 
@@ -150,3 +167,13 @@ def test_embed_interrupt_two_workers(tmp_path):
     _run(_command("embed", *shards, "--out", ref, *flags), tmp_path / "ref.log")
     args = _command("embed", *shards, "--out", out, *flags)
     check_interrupt(args, out, ref, "sigint", tmp_path, "local", 8 * 16)
+
+
+def test_score_interrupt_on_ray(score_setup, tmp_path):
+    """Ctrl-C to a run on the local Ray instance it started: the instance goes too."""
+    pytest.importorskip("ray")
+    root, ref = score_setup
+    out = tmp_path / "scores"
+    flags = [*BASE_FLAGS, "--threads", "1", "--executor", "ray"]
+    args = _command("score", root / "store", "--out", out, *flags)
+    check_interrupt(args, out, ref, "sigint", tmp_path, "ray", STEMS * ROWS)

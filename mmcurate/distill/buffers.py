@@ -201,7 +201,10 @@ def train_expert(
 def read_expert(path: str | os.PathLike, mmap: bool = True) -> dict:
     """Load an expert file with weights_only=True and check its layout; UsageError if corrupt."""
     path = Path(path)
-    check_file(path)
+    try:
+        check_file(path)
+    except ShardError as exc:
+        raise UsageError(f"corrupt buffer file {exc}") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:

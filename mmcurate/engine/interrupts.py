@@ -34,6 +34,8 @@ _state: dict = {
     "told": False,
     "done": None,
     "total": None,
+    "deferred": False,
+    "pending": None,
 }
 
 
@@ -131,7 +133,30 @@ def _handler(signum: int, frame) -> None:
     timer = threading.Timer(GRACE_SECONDS, hard_stop, (signum,))
     timer.daemon = True
     timer.start()
+    if _state["deferred"]:
+        _state["pending"] = signum  # raised by `check()`: never from inside a C extension
+        return
     raise Interrupted(signum)
+
+
+def check() -> None:
+    """Raise the interrupt a `deferred()` block recorded, if any."""
+    signum, _state["pending"] = _state["pending"], None
+    if signum is not None:
+        raise Interrupted(signum)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """A block whose calls (Ray's Cython) must not see an exception raised inside them: a
+    signal is recorded, and `check()` between calls raises it."""
+    before = _state["deferred"]
+    _state["deferred"] = True
+    try:
+        yield
+    finally:
+        _state["deferred"] = before
+    check()
 
 
 def install_early() -> None:
@@ -171,9 +196,17 @@ def handling() -> Iterator[None]:
 
 
 def stop(exc: Interrupted) -> int:
-    """After an interrupt has unwound: kill what is left, print the line; the exit code."""
+    """After an interrupt has unwound: kill what is left, print the line; the exit code.
+
+    With Ray connected, the process ends here: the local instance it started is killed with
+    the other children, and Ray's own shutdown at exit would wait on it for seconds."""
     kill_children()
     tell()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code(exc.signum))
     return exit_code(exc.signum)
 
 
