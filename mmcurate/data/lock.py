@@ -84,9 +84,10 @@ def is_dead(holder: dict | None, age: float) -> bool:
 class OutputLock:
     """A held lock: its file, its record, and the heartbeat thread keeping it fresh."""
 
-    def __init__(self, path: Path, record: dict) -> None:
+    def __init__(self, path: Path, record: dict, created: list[Path]) -> None:
         self.path = path
         self.record = record
+        self.created = created
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="mmcurate-lock", daemon=True)
         self._thread.start()
@@ -103,6 +104,11 @@ class OutputLock:
         self._stop.set()
         if read_json_dict(self.path) == self.record:
             self.path.unlink(missing_ok=True)
+        for folder in self.created:  # a refused command leaves no empty directory behind
+            try:
+                folder.rmdir()
+            except OSError:
+                return
 
 
 def _create(path: Path, record: dict) -> bool:
@@ -136,6 +142,7 @@ def _holder(path: Path) -> tuple[dict | None, float]:
 def acquire(out: str | os.PathLike, command: str, force: bool = False) -> OutputLock:
     """Take the lock of an output, or refuse (UsageError naming the holder) while it runs."""
     path = lock_path(out)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": command,
@@ -146,7 +153,7 @@ def acquire(out: str | os.PathLike, command: str, force: bool = False) -> Output
     }
     for _ in range(5):
         if _create(path, record):
-            return OutputLock(path, record)
+            return OutputLock(path, record, created)
         holder, age = _holder(path)
         if age < 0:
             continue  # released in between: try again
@@ -168,8 +175,15 @@ def acquire(out: str | os.PathLike, command: str, force: bool = False) -> Output
 
 
 @contextmanager
-def locked(out: str | os.PathLike, command: str, force: bool = False) -> Iterator[OutputLock]:
-    """Hold the output's lock for the block."""
+def locked(
+    out: str | os.PathLike, command: str, force: bool = False
+) -> Iterator[OutputLock | None]:
+    """Hold the output's lock for the block (none when the output path is a file where a
+    directory is expected, or sits under one: the command itself refuses that)."""
+    where = lock_path(out).parent
+    if any(p.is_file() for p in (where, *where.parents)):
+        yield None
+        return
     lock = acquire(out, command, force)
     try:
         yield lock
