@@ -120,3 +120,30 @@ def test_enospc_on_a_small_tmpfs(store, reference, tmp_path):
     finally:
         subprocess.run(["umount", "-l", mount], check=False)
         shutil.rmtree(mount, ignore_errors=True)
+
+
+def test_embed_under_a_file_size_limit(tmp_path):
+    """embed writes parquet, npz and markers: the shards whose npz exceeds the limit fail."""
+    from mmcurate.demo.corpus import generate_corpus
+
+    small = generate_corpus(tmp_path / "a", n_shards=2, per_shard=4, seed=2, image_size=16)
+    big = generate_corpus(tmp_path / "b", n_shards=2, per_shard=40, seed=3, image_size=16)
+    big = [p.rename(p.with_name(f"1{p.name[1:]}")) for p in big]  # stems 10000, 10001
+    flags = ["--model", "open_clip:mmc-tiny", "--decode-workers", "0"]
+    ref, out = tmp_path / "ref", tmp_path / "store"
+    shards = [*small, *big]
+    subprocess.run(_command("embed", *shards, "--out", ref, *flags), env=ENV, check=True)
+    limit = max(p.stat().st_size for p in ref.glob("0000*")) + 1  # the small shards fit
+    args = _command("embed", *shards, "--out", out, *flags)
+    limited = subprocess.run(
+        args, capture_output=True, text=True, env=ENV, preexec_fn=_limit(limit), timeout=600
+    )
+    failed = _check_failed_run(limited, out, "file too large (the file size limit, ulimit -f)")
+    done = {p.name.split(".")[0] for p in out.glob("*.done.json")}
+    assert 0 < len(done) < len(shards) and len(failed) == len(shards) - len(done)
+    freed = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600)
+    identical = freed.returncode == 0 and _snapshot(out) == _snapshot(ref)
+    tally = tally_markers(2 * 4 + 2 * 40, sorted(out.glob("*.done.json")))
+    FIGURES.record_fault("disk full: file size limit (EFBIG)", identical, tally)
+    assert freed.returncode == 0, freed.stderr[-2000:]
+    assert identical

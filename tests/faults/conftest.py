@@ -16,6 +16,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     path = Path(os.environ.get("MMCURATE_FIGURES") or config.rootpath / DEFAULT_JSON)
     write(path, data)
     terminalreporter.write_sep("=", "mmcurate fault figures")
-    terminalreporter.write_line(table(data))
-    terminalreporter.write_line(fault_table(data))
+    if data["cases"] or data["kills"]:
+        terminalreporter.write_line(table(data))
+    if data["fault_classes"]:
+        terminalreporter.write_line(fault_table(data))
     terminalreporter.write_line(f"figures JSON: {path}")
