@@ -15,7 +15,8 @@ table at the end of a pytest session and writes it as JSON to `$MMCURATE_FIGURES
     .venv/bin/python tests/faults/figures.py [--json PATH]
 
 runs the fault suite, the kill-and-resume test and the loading-safety test, then prints the
-table as markdown.
+table as markdown; `--fault-classes` runs only the interrupt, lock, damaged-file and
+full-disk tests and prints their table.
 """
 
 from __future__ import annotations
@@ -256,29 +257,34 @@ def write(path: str | os.PathLike, data: dict) -> None:
     target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+CLASS_TESTS = [
+    "tests/faults/test_figures.py",  # loads tests/faults/conftest.py, which saves the figures
+    "tests/test_interrupts.py",
+    "tests/test_lock.py",
+    "tests/test_verify.py",
+    "tests/test_disk_full.py",
+]
+
+
 def main() -> int:
-    """Run the fault suite and kill test with figures enabled; print the markdown table."""
+    """Run the fault suite and kill test with figures enabled; print the markdown tables.
+    With `--fault-classes`, only the tests of the fault classes (interrupts, locks, damaged
+    files, full disk) and their table."""
     root = Path(__file__).resolve().parents[2]
     out = Path(sys.argv[sys.argv.index("--json") + 1]) if "--json" in sys.argv else None
     out = (out or root / DEFAULT_JSON).resolve()
     out.unlink(missing_ok=True)
     env = {**os.environ, "MMCURATE_FIGURES": str(out), "OMP_NUM_THREADS": "1"}
-    tests = [
-        "tests/faults",
-        "tests/test_kill_resume.py",
-        "tests/test_loading_safety.py",
-        "tests/test_interrupts.py",
-        "tests/test_lock.py",
-        "tests/test_verify.py",
-        "tests/test_disk_full.py",
-    ]
+    classes_only = "--fault-classes" in sys.argv
+    tests = CLASS_TESTS if classes_only else ["tests/faults", "tests/test_kill_resume.py"]
+    tests += [] if classes_only else ["tests/test_loading_safety.py", *CLASS_TESTS[1:]]
     code = subprocess.call([sys.executable, "-m", "pytest", *tests, "-q"], cwd=root, env=env)
     if not out.is_file():
         print("no figures were recorded", file=sys.stderr)
         return code or 1
     data = json.loads(out.read_text())
-    print(table(data))
-    print()
+    if not classes_only:
+        print(table(data) + "\n")
     print(fault_table(data))
     print(f"\n(JSON: {out}; pytest exit code {code})")
     return code
