@@ -125,10 +125,8 @@ def hard_stop(signum: int) -> None:
 def _handler(signum: int, frame) -> None:
     if _state["pid"] not in (None, os.getpid()):
         return  # a forked child (a DataLoader worker): the command's process decides
-    if not _state["armed"]:
-        hard_stop(signum)
-    if _state["stopping"]:
-        hard_stop(signum)
+    if not _state["armed"] or _state["stopping"]:
+        hard_stop(signum)  # before the command is ready, or a second signal while stopping
     _state["stopping"] = True
     timer = threading.Timer(GRACE_SECONDS, hard_stop, (signum,))
     timer.daemon = True
@@ -160,7 +158,8 @@ def deferred() -> Iterator[None]:
 
 
 def install_early() -> None:
-    """Before the command is ready (imports): a signal ends the process at once, silently."""
+    """Before the command is ready (its imports): a signal ends the process at once, with the
+    interrupted line and nothing else."""
     if threading.current_thread() is threading.main_thread():
         _state["pid"] = os.getpid()
         for sig in SIGNALS:
