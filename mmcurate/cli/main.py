@@ -13,6 +13,7 @@ from mmcurate.cli.common import lock_output
 from mmcurate.cli.distill_cmds import buffer, distill_cmd, evaluate_cmd
 from mmcurate.cli.embed_cmd import embed
 from mmcurate.cli.pipeline_cmds import demo, pipeline
+from mmcurate.cli.report_cmd import report_cmd
 from mmcurate.cli.score_cmd import score
 from mmcurate.cli.select_cmd import reshard_cmd, select_cmd
 from mmcurate.cli.verify_cmd import verify_cmd
@@ -74,6 +75,7 @@ for command in (
     buffer,
     distill_cmd,
     evaluate_cmd,
+    report_cmd,
     pipeline,
     demo,
     verify_cmd,

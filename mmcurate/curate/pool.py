@@ -6,6 +6,10 @@ precomputed `clip_l14_similarity_score` / `clip_b32_similarity_score`), is read 
 `<stem>.parquet` files instead. Only `uid` and the named columns are ever read: a rule reads
 its column, and uids are read at the end for the survivors (and at a tied cut-off), so the
 pool never holds every uid and every column at once.
+
+Columns a score file lacks (captions, image sizes: what DataComp's named rules read) come from
+the store's `<stem>.parquet` (`--store`, by default the metadata directory being selected),
+row-aligned to the score file by uid.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +79,50 @@ def sidecar_stem(path: Path) -> str:
     return path.name[: -len(suffix)]
 
 
+def _schema(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path)
+    except Exception as exc:
+        raise UsageError(f"unreadable parquet {path}: {exc}") from None
+
+
+def locate(paths: Sequence[Path], store: Path | None, names: Sequence[str]) -> tuple[str, str, Any]:
+    """(name, "pool", type) for the first of `names` the score files have, else (name, "store",
+    type) from the store's stem parquets, judged on the first stem; ("", "", None) if none."""
+    schema = _schema(paths[0])
+    for name in names:
+        if name in schema.names:
+            return name, "pool", schema.field(name).type
+    if store is not None:
+        first = store / f"{sidecar_stem(paths[0])}{METADATA_SUFFIX}"
+        if first.is_file():
+            schema = _schema(first)
+            for name in names:
+                if name in schema.names:
+                    return name, "store", schema.field(name).type
+    return "", "", None
+
+
+def check_store(paths: Sequence[Path], store: Path, columns: Sequence[str]) -> set[str]:
+    """Every score file's stem has a store parquet with `columns` (else a UsageError naming it);
+    returns the columns some store file holds as float64."""
+    import pyarrow as pa
+
+    wide: set[str] = set()
+    for path in paths:
+        stem_file = store / f"{sidecar_stem(path)}{METADATA_SUFFIX}"
+        if not stem_file.is_file():
+            raise UsageError(f"store {store} has no {stem_file.name} for the scores' stem")
+        schema = _schema(stem_file)
+        missing = [c for c in ("uid", *columns) if c not in schema.names]
+        if missing:
+            raise UsageError(f"{stem_file} has no column {missing[0]!r}")
+        wide.update(c for c in columns if pa.types.is_float64(schema.field(c).type))
+    return wide
+
+
 def _is_number(dtype) -> bool:
     import pyarrow as pa
 
@@ -120,6 +169,8 @@ class Pool:
     stems: list[str]
     wide: set[str] = field(default_factory=set)
     progress: bool = True
+    store: Path | None = None
+    from_store: set[str] = field(default_factory=set)
     _pairs: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -142,25 +193,77 @@ class Pool:
             raise ShardError(f"{stem}: score file changed while reading")
         return table
 
+    def store_rows(self, i: int) -> np.ndarray | None:
+        """Row positions in the store's parquet of stem i's score rows (matched by uid), or
+        None when they are the same rows."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        stem = self.stems[i]
+        path = self.store / f"{stem}{METADATA_SUFFIX}"
+        if path.resolve() == self.paths[i].resolve():
+            return None
+        try:
+            theirs = pq.read_table(path, columns=["uid"]).column("uid")
+        except Exception as exc:
+            raise ShardError(f"{stem}: unreadable store parquet: {exc}") from None
+        ours = self._table(i, ["uid"]).column("uid")
+        if theirs.equals(ours):
+            return None
+        index = pc.index_in(ours, value_set=theirs)
+        if index.null_count:
+            raise ShardError(f"{stem}: {index.null_count} uid(s) of the scores are not in {path}")
+        return index.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def _store_table(self, i: int, columns: list[str]):
+        """Store columns of stem i, in the score file's row order."""
+        import pyarrow.parquet as pq
+
+        path = self.store / f"{self.stems[i]}{METADATA_SUFFIX}"
+        try:
+            table = pq.read_table(path, columns=columns)
+        except Exception as exc:
+            raise ShardError(f"{self.stems[i]}: unreadable store parquet: {exc}") from None
+        rows = self.store_rows(i)
+        return table if rows is None else table.take(rows)
+
+    def table(self, i: int, columns: Sequence[str]):
+        """Columns of stem i, each from its score file or (`from_store`) the store's parquet."""
+        import pyarrow as pa
+
+        own = [c for c in columns if c not in self.from_store]
+        other = [c for c in columns if c in self.from_store]
+        parts = {}
+        if own:
+            table = self._table(i, own)
+            parts.update({c: table.column(c) for c in own})
+        if other:
+            table = self._store_table(i, other)
+            parts.update({c: table.column(c) for c in other})
+        return pa.table({c: parts[c] for c in columns})
+
+    def per_file(self, columns: Sequence[str], fn, dtype, desc: str) -> np.ndarray:
+        """`fn(table, stem)` of each file's `columns`, one value per row, over the pool."""
+        from mmcurate.progress import progress_bar
+
+        out = np.empty(self.size, dtype=dtype)
+        bar = progress_bar(range(len(self.paths)), desc=desc, disable=not self.progress)
+        for i in bar:
+            out[self.offsets[i] : self.offsets[i + 1]] = fn(self.table(i, columns), self.stems[i])
+        return out
+
     def column(self, metric: str) -> np.ndarray:
         """One score column over the pool: float64 when a file stores it so (DataComp's),
         else float32."""
-        from mmcurate.progress import progress_bar
+
+        def values(table, stem: str) -> np.ndarray:
+            found = table.column(metric)
+            if not _is_number(found.type):
+                raise ShardError(f"{stem}: score column {metric!r} holds {found.type}, not numbers")
+            return found.to_numpy(zero_copy_only=False)
 
         dtype = np.float64 if metric in self.wide else np.float32
-        out = np.empty(self.size, dtype=dtype)
-        bar = progress_bar(
-            range(len(self.paths)), desc=f"select: reading {metric}", disable=not self.progress
-        )
-        for i in bar:
-            values = self._table(i, [metric]).column(metric)
-            if not _is_number(values.type):
-                raise ShardError(
-                    f"{self.stems[i]}: score column {metric!r} holds {values.type}, not numbers"
-                )
-            lo, hi = self.offsets[i], self.offsets[i + 1]
-            out[lo:hi] = values.to_numpy(zero_copy_only=False)
-        return out
+        return self.per_file([metric], values, dtype, f"select: reading {metric}")
 
     def pairs_at(self, rows: np.ndarray) -> np.ndarray:
         """The uid pairs of ascending row positions; every file's uids are read and checked,
@@ -189,9 +292,15 @@ class Pool:
 
 
 def open_pool(
-    paths: Sequence[Path], rows: Sequence[int], wide: set[str], progress: bool = True
+    paths: Sequence[Path],
+    rows: Sequence[int],
+    wide: set[str],
+    progress: bool = True,
+    store: Path | None = None,
+    from_store: set[str] | None = None,
 ) -> Pool:
-    """A pool over the score files with these row counts and float64 metrics; nothing is read
-    yet."""
+    """A pool over the score files with these row counts and float64 metrics, the `from_store`
+    columns read from `store`; nothing is read yet."""
     offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
-    return Pool(list(paths), offsets, [sidecar_stem(p) for p in paths], set(wide), progress)
+    stems = [sidecar_stem(p) for p in paths]
+    return Pool(list(paths), offsets, stems, set(wide), progress, store, set(from_store or ()))

@@ -2,7 +2,8 @@
 
 Fraction rules keep exactly floor(f·N) rows with ties to the smaller uid (`--ties exact`, the
 default), or follow DataComp's baselines (`--ties datacomp`): threshold at index int(N·f) of
-the descending sort, every row at or above it kept.
+the descending sort, every row at or above it kept. `column==TEXT` keeps the rows whose string
+column equals TEXT; `datacomp:NAME` is one of DataComp's named baselines (`curate.datacomp_rules`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import numpy as np
 from mmcurate.errors import UsageError
 
 NORMSIM_D = "normsim_d"
+EQUALS = "=="
+NAMED = "named"
+DATACOMP_PREFIX = "datacomp:"
+DATACOMP_NAMES = ("basic", "text_based", "laion2b", "image_based")
 EXACT = "exact"
 DATACOMP = "datacomp"
 TIES = (EXACT, DATACOMP)
@@ -36,13 +41,15 @@ PairsAt = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class Rule:
-    """One --keep stage: `metric:FRACTION` (op ":") or `metric OP X` (a threshold)."""
+    """One --keep stage: `metric:FRACTION` (op ":"), `metric OP X` (a threshold), `column==TEXT`
+    (op "==", the text in `string`) or `datacomp:NAME` (op "named", metric the whole name)."""
 
     text: str
     metric: str
     op: str
     value: float
     fraction: Fraction | None = None
+    string: str | None = None
 
     @property
     def is_fraction(self) -> bool:
@@ -53,6 +60,13 @@ class Rule:
 def parse_rule(text: str) -> Rule:
     """Parse one --keep rule; anything malformed or a fraction outside (0, 1] is a UsageError."""
     rule = text.strip()
+    if rule.startswith(DATACOMP_PREFIX):
+        return _named(text, rule)
+    if EQUALS in rule:
+        column, _, value = (s.strip() for s in rule.partition(EQUALS))
+        if not _METRIC_NAME.match(column) or column == "uid" or not value:
+            raise UsageError(f"bad --keep rule {text!r}: use column==TEXT, e.g. lang==en")
+        return Rule(rule, column, EQUALS, math.nan, string=value)
     for op in (*_OPS, ":"):
         if op in rule:
             metric, _, raw = (s.strip() for s in rule.partition(op))
@@ -80,6 +94,19 @@ def parse_rule(text: str) -> Rule:
     if not math.isfinite(value):
         raise UsageError(f"bad --keep rule {text!r}: the threshold must be finite")
     return Rule(rule, metric, op, value)
+
+
+def _named(text: str, rule: str) -> Rule:
+    name = rule[len(DATACOMP_PREFIX) :]
+    if name == "image_based_intersect_clip_score":
+        raise UsageError(
+            "datacomp:image_based_intersect_clip_score is two rules: --keep "
+            "clip_l14_similarity_score:0.3 --ties datacomp --keep datacomp:image_based"
+        )
+    if name not in DATACOMP_NAMES:
+        names = ", ".join(DATACOMP_PREFIX + n for n in DATACOMP_NAMES)
+        raise UsageError(f"unknown DataComp baseline {text!r}: use {names}")
+    return Rule(rule, rule, NAMED, math.nan)
 
 
 def keep_count(fraction: Fraction, pool_size: int) -> int:

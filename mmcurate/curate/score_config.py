@@ -9,14 +9,23 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mmcurate.curate.centroids import CENTROID, load_centroids
 from mmcurate.curate.dedup_plan import DedupConfig, check_config
+from mmcurate.curate.lang import (
+    LANG,
+    LANG_COLUMNS,
+    LANG_METRICS,
+    check_model,
+    file_sha256,
+    model_path,
+)
 from mmcurate.curate.precision import PRECISIONS, resolve_precision
 from mmcurate.curate.targets import cached_target
 from mmcurate.data.store import detect_keys, store_logit_scale
 from mmcurate.embed import DEFAULT_DEVICE, check_device_name
 from mmcurate.errors import UsageError
 
-METRICS = ("clipscore", "negclip", "normsim", "semdedup")
+METRICS = ("clipscore", "negclip", "normsim", "semdedup", CENTROID, *LANG_METRICS)
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 DEFAULT_TAU = 0.01
 
@@ -43,6 +52,8 @@ class ScoreConfig:
     clusters: int | None = DedupConfig.clusters
     dedup_keep: str = DedupConfig.keep
     dedup_train: int = DedupConfig.train
+    lang_model: str | None = None
+    centroids: str | None = None
 
     def dedup(self) -> DedupConfig:
         """The SemDeDup settings these options give (the seed is the score seed)."""
@@ -65,7 +76,7 @@ class ScoreJob:
     k: int
     window: int
     seed: int
-    img_key: str
+    img_key: str | None
     txt_key: str | None
     targets: tuple[str, ...]
     target_shape: tuple[int, int] | None
@@ -75,11 +86,23 @@ class ScoreJob:
     columns: tuple[str, ...]
     dedup: DedupConfig | None = None
     dedup_key: str | None = None
+    lang_model: str | None = None
+    lang_model_sha256: str | None = None
+    centroids: str | None = None
+    centroids_sha256: str | None = None
 
     @property
     def keys(self) -> list[str]:
-        """The npz arrays a row needs, image first: a row invalid in any of them is skipped."""
+        """The npz arrays a row needs, image first: a row invalid in any of them is skipped
+        (none when only caption metrics run)."""
+        if not needs_embeddings(self.metrics):
+            return []
         return [self.img_key] + ([self.txt_key] if needs_text(self.metrics) else [])
+
+    @property
+    def lang_metrics(self) -> tuple[str, ...]:
+        """The caption metrics of this run (lang, lang_cld3)."""
+        return tuple(m for m in self.metrics if m in LANG_METRICS)
 
     @property
     def dedup_dir(self) -> Path:
@@ -88,15 +111,27 @@ class ScoreJob:
 
     def signature(self) -> dict:
         """The settings a done marker must match for its stem to count as done."""
-        sig = {k: v for k, v in asdict(self).items() if k not in ("out", "tau_source", "device")}
+        sig = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("out", "tau_source", "device", "lang_model", "centroids")
+        }
         sig["store"] = str(Path(self.store).resolve())
         sig["ps"] = [normsim_column(p) for p in self.ps]
+        for key in ("lang_model_sha256", "centroids_sha256"):
+            if sig[key] is None:
+                del sig[key]  # runs without these metrics keep their signature
         return json.loads(json.dumps(sig))
 
 
 def needs_text(metrics: tuple[str, ...] | list[str]) -> bool:
     """Whether the metrics read caption embeddings (clipscore and negclip do)."""
     return "clipscore" in metrics or "negclip" in metrics
+
+
+def needs_embeddings(metrics: tuple[str, ...] | list[str]) -> bool:
+    """Whether any metric reads embeddings (all but the caption metrics do)."""
+    return any(m not in LANG_METRICS for m in metrics)
 
 
 def parse_p(text: str | float) -> float:
@@ -176,7 +211,8 @@ def resolve_score(store: str, out: str, config: ScoreConfig, task_device: str = 
         warnings.warn("--target and --p are ignored without --metric normsim", stacklevel=2)
     need_txt = needs_text(chosen)
     img_key, txt_key = config.img_key, config.txt_key
-    if img_key is None or (need_txt and txt_key is None):
+    embeds = needs_embeddings(chosen)
+    if embeds and (img_key is None or (need_txt and txt_key is None)):
         found_img, found_txt = detect_keys(store, need_txt)
         img_key, txt_key = img_key or found_img, txt_key or found_txt
     target_paths: tuple[str, ...] = ()
@@ -193,6 +229,20 @@ def resolve_score(store: str, out: str, config: ScoreConfig, task_device: str = 
         columns += [normsim_column(p) for p in parsed]
     if "semdedup" in chosen:
         columns.append("semdedup")
+    for metric in LANG_METRICS:
+        if metric in chosen:
+            columns += LANG_COLUMNS[metric]
+    centroids = None
+    if CENTROID in chosen:
+        if config.centroids is None:
+            raise UsageError("--metric centroid needs --centroids (e.g. medium_centroids_l14.pt)")
+        load_centroids(config.centroids)
+        centroids = str(Path(config.centroids).resolve())
+        columns.append(CENTROID)
+    lang_model = None
+    if LANG in chosen:
+        lang_model = str(model_path(config.lang_model).resolve())
+        check_model(lang_model)
     return ScoreJob(
         store=str(store),
         out=str(out),
@@ -202,7 +252,7 @@ def resolve_score(store: str, out: str, config: ScoreConfig, task_device: str = 
         tau_source=source if "negclip" in chosen else "unused",
         batch_size=int(config.batch_size),
         k=int(config.k),
-        window=int(config.window),
+        window=int(config.window) if embeds else 1,
         seed=int(config.seed),
         img_key=img_key,
         txt_key=txt_key,
@@ -213,4 +263,8 @@ def resolve_score(store: str, out: str, config: ScoreConfig, task_device: str = 
         precision=task_precision(config.precision, task_device) if "negclip" in chosen else "fp32",
         columns=tuple(columns),
         dedup=config.dedup() if "semdedup" in chosen else None,
+        lang_model=lang_model,
+        lang_model_sha256=file_sha256(lang_model) if lang_model else None,
+        centroids=centroids,
+        centroids_sha256=file_sha256(centroids) if centroids else None,
     )

@@ -24,11 +24,26 @@ from typing import Any
 
 import numpy as np
 
+from mmcurate.curate.centroids import CENTROID, cached_centroids, nearest_by_inner_product
 from mmcurate.curate.dedup_stage import run_semdedup, semdedup_values
+from mmcurate.curate.lang import (
+    LANG,
+    LANG_CLD3,
+    STRING_COLUMNS,
+    cld3_lang,
+    decode_captions,
+    fasttext_lang,
+    read_captions,
+)
 from mmcurate.curate.normsim import MaxAbsIndex, estimate_recall, gram, normsim_2, normsim_p
 from mmcurate.curate.precision import resolve_precision
 from mmcurate.curate.rows import torch_device
-from mmcurate.curate.score_config import ScoreConfig, ScoreJob, normsim_column, resolve_score
+from mmcurate.curate.score_config import (
+    ScoreConfig,
+    ScoreJob,
+    normsim_column,
+    resolve_score,
+)
 from mmcurate.curate.scores import clipscore, negclip_batch_count, negclip_scores
 from mmcurate.curate.targets import cached_derived, cached_target
 from mmcurate.curate.validity import valid_rows
@@ -60,12 +75,16 @@ def _open_stem(job: ScoreJob, stem: str, keys: list[str]) -> tuple[Any, dict, in
     """A stem's uid table, arrays and dim, or ShardError naming what is wrong."""
     import pyarrow as pa
 
-    meta, arrays = read_stem(job.store, stem, keys, columns=("uid",))
+    columns = ("uid", "caption") if job.lang_metrics else ("uid",)
+    if keys:
+        meta, arrays = read_stem(job.store, stem, keys, columns=columns)
+    else:  # caption metrics only: two parquet columns are read, the npz is never opened
+        meta, arrays = read_captions(job.store, stem), {}
     uid_type = meta.schema.field("uid").type
     if not (pa.types.is_string(uid_type) or pa.types.is_large_string(uid_type)):
         raise ShardError(f"{stem}: uid column has type {uid_type}, expected strings")
     dims = {k: arrays[k].shape[1] for k in keys}
-    dim = dims[job.img_key]
+    dim = dims.get(job.img_key, 0)
     if job.target_shape and dim != job.target_shape[1]:
         raise ShardError(
             f"{stem}: embedding dim {dim} does not match target dim {job.target_shape[1]}"
@@ -109,6 +128,7 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
                 "skipped": skipped,
                 "read": meta.num_rows,
                 "semdedup": dedup,
+                "lang": _lang_columns(job, meta, valid),
             }
         )
     dim = _window_dim([s["dim"] for s in stems])
@@ -120,7 +140,8 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
             raise ShardError(next(iter(failed.values())))
         raise ShardError(f"all {len(failed)} stems failed; first: {next(iter(failed.values()))}")
     views = {key: WindowRows([(s["arrays"][key], s["valid"]) for s in stems], dim) for key in keys}
-    img = views[job.img_key]
+    img = views.get(job.img_key)
+    offsets = np.concatenate([[0], np.cumsum([len(s["valid"]) for s in stems])]).astype(np.int64)
     columns: dict[str, np.ndarray] = {}
     recall = None
     precision, _ = resolve_precision(job.precision, torch_device(job.device))
@@ -154,9 +175,14 @@ def score_window(job: ScoreJob, item: WindowItem) -> dict:
         columns[normsim_column(p)] = values
     if job.dedup:
         columns["semdedup"] = np.concatenate([s["semdedup"] for s in stems])
-    _write_window(job, item, stems, columns, img.offsets, recall, precision)
+    if job.centroids:
+        centroids = cached_centroids(job.centroids, job.centroids_sha256)
+        if centroids.shape[1] != dim:
+            raise ShardError(f"centroids have width {centroids.shape[1]}, embeddings have {dim}")
+        columns[CENTROID] = nearest_by_inner_product(img, centroids, job.device)
+    _write_window(job, item, stems, columns, offsets, recall, precision)
     stats: dict[str, Any] = {
-        "rows": int(len(img)),
+        "rows": int(offsets[-1]),
         "read": int(sum(s["read"] for s in stems)),
         "skipped": _sum_reasons(s["skipped"] for s in stems),
         "stems": len(stems),
@@ -179,6 +205,19 @@ def _semdedup(job: ScoreJob, stem: str, rows: int) -> np.ndarray | None:
     if len(values) != rows:
         raise ShardError(f"{stem}: {len(values)} semdedup values for {rows} valid rows")
     return values
+
+
+def _lang_columns(job: ScoreJob, meta, valid: np.ndarray) -> dict[str, Any]:
+    """The stem's caption-metric columns (lang, lang_score, lang_cld3) over its valid rows."""
+    if not job.lang_metrics:
+        return {}
+    captions = decode_captions(meta.column("caption").take(valid))
+    out: dict[str, Any] = {}
+    if LANG in job.metrics:
+        out["lang"], out["lang_score"] = fasttext_lang(captions, job.lang_model)
+    if LANG_CLD3 in job.metrics:
+        out["lang_cld3"] = cld3_lang(captions)
+    return out
 
 
 def _batch_reporter(total: int):
@@ -219,7 +258,10 @@ def _write_window(
         lo, hi = int(offsets[i]), int(offsets[i + 1])
         data = {"uid": s["uids"].take(pa.array(s["valid"], type=pa.int64()))}
         for name in job.columns:
-            data[name] = pa.array(columns[name][lo:hi], type=pa.float32())
+            values = s["lang"][name] if name in s["lang"] else columns[name][lo:hi]
+            kind = pa.string() if name in STRING_COLUMNS else pa.float32()
+            kind = pa.int32() if name == CENTROID else kind
+            data[name] = pa.array(values, type=kind)
         write_parquet_atomic(Path(job.out) / f"{s['stem']}.scores.parquet", pa.table(data))
     for i, s in enumerate(stems):
         marker = {
@@ -236,6 +278,8 @@ def _write_window(
         }
         if recall is not None:
             marker["normsim_inf_recall"] = recall
+        if job.lang_model:
+            marker["lang_model"] = {"path": job.lang_model, "sha256": job.lang_model_sha256}
         marker[FILES] = vouch([Path(job.out) / f"{s['stem']}.scores.parquet"], job.out)
         write_json_atomic(done_path(job.out, s["stem"]), marker)
 
@@ -290,6 +334,8 @@ def run_score(store: str, out: str, config: ScoreConfig, executor: Executor) -> 
             "out": job.out,
         }
     )
+    if job.lang_model:
+        summary["lang_model"] = {"path": job.lang_model, "sha256": job.lang_model_sha256}
     if job.target_shape:
         summary["target"] = {"paths": list(job.targets), "shape": list(job.target_shape)}
         summary["normsim_index"] = job.normsim_index

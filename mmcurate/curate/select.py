@@ -9,11 +9,22 @@ from typing import Any
 
 import numpy as np
 
+from mmcurate.curate.datacomp_rules import DERIVED, derived_values
+from mmcurate.curate.image_based import ImageBasedConfig
 from mmcurate.curate.normsim_d import normsim_d_stage, parse_memory
-from mmcurate.curate.pool import find_sidecars, is_metadata, open_pool, sidecar_rows, sidecar_stem
-from mmcurate.curate.rules import EXACT, NORMSIM_D, TIES, apply_rule, parse_rule
+from mmcurate.curate.pool import (
+    check_store,
+    find_sidecars,
+    is_metadata,
+    open_pool,
+    sidecar_rows,
+    sidecar_stem,
+)
+from mmcurate.curate.rules import EQUALS, EXACT, NAMED, NORMSIM_D, TIES, apply_rule, parse_rule
+from mmcurate.curate.select_plan import mask_stage, plan_columns
 from mmcurate.data.subset import load_subset, write_subset
 from mmcurate.data.uid import UID_DTYPE, intersect_pairs, sort_unique_pairs, union_pairs
+from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.errors import UsageError
 
 DEFAULT_RECIPE = ("negclip:0.3", "normsim_inf:0.2")
@@ -24,7 +35,9 @@ class SelectConfig:
     """Options of `mmcurate select`: the --keep rules in order (none: DEFAULT_RECIPE), how a
     fraction rule cuts ties (exact count or DataComp's threshold rule), subset files to
     combine, and the store, image key (None: detected), iterations, memory budget (None:
-    NormSim-D's default) and seed of a NormSim-D stage."""
+    NormSim-D's default) and seed of a NormSim-D stage; DataComp's image-based rule's centroid
+    file (None: k-means here, `image_clusters`, saved to `save_centroids` when given), targets
+    and device, and the text-based rule's WordNet directory (None: NLTK's search path)."""
 
     keep: tuple[str, ...] = ()
     ties: str = EXACT
@@ -35,6 +48,12 @@ class SelectConfig:
     normsim_d_iters: int = 500
     normsim_d_memory: str | None = None
     seed: int = 0
+    centroids: str | None = None
+    target: tuple[str, ...] = ()
+    image_clusters: int = 100_000
+    wordnet: str | None = None
+    device: str = DEFAULT_DEVICE
+    save_centroids: str | None = None
 
 
 def select(
@@ -57,8 +76,20 @@ def select(
         raise UsageError("--keep normsim_d needs --store STORE (the embedding store)")
     if scores_dir is not None:
         paths = find_sidecars(scores_dir)
-        metrics = list(dict.fromkeys(r.metric for r in parsed if r.metric != NORMSIM_D))
-        rows, wide = sidecar_rows(paths, metrics)
+        source = Path(store) if store else (Path(scores_dir) if is_metadata(paths[0]) else None)
+        image = ImageBasedConfig(
+            config.centroids,
+            tuple(config.target),
+            config.image_clusters,
+            seed,
+            config.img_key,
+            config.device,
+            config.save_centroids,
+        )
+        plan = plan_columns(parsed, paths, source, config.wordnet, image)
+        rows, wide = sidecar_rows(paths, plan.metrics)
+        if plan.from_store:
+            wide |= check_store(paths, source, sorted(plan.from_store))
         if uses_d:
             from mmcurate.data.store import detect_keys, finished_stems
 
@@ -74,7 +105,7 @@ def select(
 
     selected = np.empty(0, dtype=UID_DTYPE)
     if scores_dir is not None:
-        pool = open_pool(paths, rows, wide, progress)
+        pool = open_pool(paths, rows, wide, progress, source, plan.from_store)
         n = pool.size
         alive = np.ones(n, dtype=bool)
         for rule in parsed:
@@ -91,8 +122,18 @@ def select(
                 )
                 alive = np.zeros(n, dtype=bool)
                 alive[kept] = True
+            elif rule.op in (EQUALS, NAMED):
+                alive, record = mask_stage(rule, pool, alive, plan)
             else:
-                column = pool.column(rule.metric)
+                if rule.metric in DERIVED:
+                    column = pool.per_file(
+                        [plan.cols[need.names[0]] for need in DERIVED[rule.metric]],
+                        lambda t, _, m=rule.metric: derived_values(m, t, plan.cols),
+                        np.float64,
+                        f"select: {rule.metric}",
+                    )
+                else:
+                    column = pool.column(rule.metric)
                 alive, record = apply_rule(rule, column, alive, n, pool.pairs_at, config.ties)
                 del column
             report["stages"].append(record)

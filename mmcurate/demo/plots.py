@@ -1,4 +1,5 @@
-"""The demo report's figures: one PNG per plot, drawn with matplotlib's Agg backend."""
+"""The demo report's ground-truth figures: one PNG file per plot (drawn as `mmcurate.report`
+draws its own)."""
 
 from __future__ import annotations
 
@@ -12,29 +13,16 @@ import numpy as np
 from mmcurate.data.atomic import write_bytes_atomic
 from mmcurate.demo.analysis import FAULT_COLOURS, FAULT_ORDER, SET_LABELS
 from mmcurate.metrics.retrieval import RECALL_KEYS
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+from mmcurate.report.figures import png_bytes, pyplot
 
 
 def _save(fig, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    _pyplot().close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, png_bytes(fig))
 
 
 def plot_scores(scores: Mapping[str, np.ndarray], faults: np.ndarray, path: Path) -> None:
     """Histograms of each metric, one colour per fault category."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(scores)
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -61,7 +49,7 @@ def plot_scores(scores: Mapping[str, np.ndarray], faults: np.ndarray, path: Path
 
 def plot_roc(analysis: Mapping[str, Any], path: Path) -> None:
     """Noise-detection ROC curves with their AUROC in the legend."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
     for name, curve in analysis["roc"].items():
         style = {"marker": "o"} if name == "selection" else {}
@@ -81,7 +69,7 @@ def plot_roc(analysis: Mapping[str, Any], path: Path) -> None:
 
 def plot_tau_sweep(sweep: Sequence[Mapping[str, Any]], clip: float, path: Path) -> None:
     """negclip's AUROC against τ (log axis), with CLIPScore as a horizontal line."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     taus = [row["tau"] for row in sweep]
     ax.plot(taus, [row["auroc"] for row in sweep], marker="o", label="negclip: noise")
@@ -109,7 +97,7 @@ def plot_target(
     normsim: np.ndarray, relevant: np.ndarray, target: Mapping[str, Any], path: Path
 ) -> None:
     """NormSim of relevant vs other pool pairs, and the relevant share after each stage."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.2, 3.4))
     normsim, relevant = np.asarray(normsim, dtype=np.float64), np.asarray(relevant, dtype=bool)
     bins = np.linspace(normsim.min(), normsim.max(), 41)
@@ -119,15 +107,17 @@ def plot_target(
     left.set_xlabel("normsim_inf")
     left.legend(fontsize=8)
     shares = target["relevant_share"]
-    right.bar(list(shares), [100 * v for v in shares.values()], color="#4c72b0")
-    right.set_ylabel("target-like pairs (%)")
+    labels = ["\n".join(textwrap.wrap(name, 18)) for name in shares]
+    right.barh(labels[::-1], [100 * v for v in list(shares.values())[::-1]], color="#4c72b0")
+    right.set_xlabel("target-like pairs (%)")
+    right.tick_params(axis="y", labelsize=8)
     right.set_title("share of target-like pairs")
     _save(fig, path)
 
 
 def plot_distilled(images: np.ndarray, captions: Sequence[str], path: Path) -> None:
     """The distilled images in a grid, each with its decoded (nearest real) caption."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(images)
     cols = min(5, max(1, n))
     rows = max(1, -(-n // cols))
@@ -142,7 +132,7 @@ def plot_distilled(images: np.ndarray, captions: Sequence[str], path: Path) -> N
 
 def plot_retrieval(retrieval: Mapping[str, Any], path: Path) -> None:
     """Grouped bars of R@K for each training set."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
     names = list(retrieval)
     width = 0.8 / max(1, len(names))

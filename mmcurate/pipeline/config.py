@@ -62,7 +62,7 @@ DISTILL_KEYS = tuple(k for k in options(DistillConfig) if k not in ("seed", "pre
 DEFAULTS: dict[str, dict[str, Any]] = {
     "embed": {"src": None, "target_src": None, **options(EmbedConfig, ("modality", "device"))},
     "score": {"store": None, **options(ScoreConfig, ("seed", "device"))},
-    "select": {"scores": None, **options(SelectConfig, ("store", "img_key", "seed"))},
+    "select": {"scores": None, **options(SelectConfig, ("store", "img_key", "seed", "device"))},
     "reshard": {"src": None, "subset": None, **options(ReshardConfig)},
     "buffer": {"data": None, "image_root": None, **options(BufferConfig, ("seed",))},
     "distill": {
@@ -86,8 +86,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 PATH_KEYS = {
     "embed": ("src", "target_src"),
-    "score": ("store", "target"),
-    "select": ("scores", "union", "intersect"),
+    "score": ("store", "target", "lang_model", "centroids"),
+    "select": ("scores", "union", "intersect", "centroids", "target", "wordnet", "save_centroids"),
     "reshard": ("src", "subset"),
     "buffer": ("data", "image_root"),
     "distill": ("data", "buffers", "image_root"),
