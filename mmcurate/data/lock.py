@@ -118,7 +118,8 @@ def _create(path: Path, record: dict) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        raise disk_full(path, exc) or exc from None
+        refused = UsageError(f"cannot write in {path.parent}: {exc.strerror or exc}")
+        raise disk_full(path, exc) or refused from None
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(record, sort_keys=True))
@@ -179,9 +180,11 @@ def locked(
     out: str | os.PathLike, command: str, force: bool = False
 ) -> Iterator[OutputLock | None]:
     """Hold the output's lock for the block (none when the output path is a file where a
-    directory is expected, or sits under one: the command itself refuses that)."""
+    directory is expected, or sits under one, or is a file in a missing directory: the
+    command itself decides about those)."""
     where = lock_path(out).parent
-    if any(p.is_file() for p in (where, *where.parents)):
+    file_output = where != Path(out)
+    if any(p.is_file() for p in (where, *where.parents)) or (file_output and not where.is_dir()):
         yield None
         return
     lock = acquire(out, command, force)
