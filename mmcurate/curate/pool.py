@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mmcurate.data.store import check_stem_file
+from mmcurate.data.markers import check_stem_file
 from mmcurate.data.uid import UID_DTYPE, hex_to_pairs
 from mmcurate.errors import ShardError, UsageError
 

@@ -71,6 +71,11 @@ def check_size(marker: dict | None, root: str | os.PathLike, name: str) -> None:
             raise ShardError(f"{problem}; run `mmcurate verify` and re-run the stage")
 
 
+def check_stem_file(root: str | os.PathLike, stem: str, name: str) -> None:
+    """Refuse, naming it, a file of `stem` whose size differs from its `<stem>.done.json`."""
+    check_size(read_json_dict(Path(root) / f"{stem}.done.json"), root, name)
+
+
 def problems(marker_path: Path, marker: dict) -> list[str]:
     """Every file a marker vouches for that is missing, resized or has another checksum."""
     root = marker_path.parent

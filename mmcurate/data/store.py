@@ -18,7 +18,7 @@ from mmcurate.data.atomic import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from mmcurate.data.markers import FILES, check_size, sizes_ok, vouch
+from mmcurate.data.markers import FILES, check_stem_file, sizes_ok, vouch
 from mmcurate.errors import ShardError, UsageError
 
 DONE_SUFFIX = ".done.json"
@@ -47,11 +47,6 @@ def is_done(out_dir: str | os.PathLike, stem: str) -> bool:
     """True when the stem finished in an earlier run and its files still have their sizes."""
     marker = read_done(out_dir, stem)
     return marker is not None and sizes_ok(marker, out_dir)
-
-
-def check_stem_file(store_dir: str | os.PathLike, stem: str, name: str) -> None:
-    """Refuse, naming it, a stem's file whose size differs from what its done marker recorded."""
-    check_size(read_done(store_dir, stem), store_dir, name)
 
 
 def write_stem(
