@@ -150,6 +150,9 @@ def test_store_length_mismatch_and_object_arrays_fail_the_shard(tmp_path):
     meta = pa.table({"uid": ["a" * 32, "b" * 32]})
     write_stem(tmp_path, "s", meta, {"img": np.zeros((2, 4), np.float16)}, {})
     save_npz_atomic(tmp_path / "s.npz", {"img": np.zeros((3, 4), np.float16)})
+    with pytest.raises(ShardError, match="s.npz: size 284 bytes, its marker says 276"):
+        read_stem(tmp_path, "s", ["img"])
+    (tmp_path / "s.done.json").unlink()  # a store without markers (DataComp): lengths checked
     with pytest.raises(ShardError, match="parquet has 2 rows but npz array 'img' has 3"):
         read_stem(tmp_path, "s", ["img"])
     np.savez(tmp_path / "s.npz", img=np.array([{"x": 1}, None], dtype=object))

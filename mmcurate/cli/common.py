@@ -10,6 +10,7 @@ from dataclasses import MISSING, fields
 import click
 
 from mmcurate.data.atomic import write_json_atomic
+from mmcurate.data.lock import locked
 from mmcurate.engine import ExecutorConfig, make_executor
 
 
@@ -83,7 +84,8 @@ def print_summary(title: str, summary: dict, extra: dict | None = None) -> None:
             f"skipped {sum(skipped.values())} ({reasons})"
         )
     for key, value in (extra or {}).items():
-        click.echo(f"  {key}: {value}")
+        if value is not None:  # e.g. threads when no item ran
+            click.echo(f"  {key}: {value}")
     if failed:
         click.echo("  failed:")
         for name, reason in sorted(failed.items()):
@@ -96,3 +98,32 @@ def finish(summary: dict, json_path: str | None) -> None:
         write_json_atomic(json_path, summary)
     if summary.get("failed"):
         raise SystemExit(1)
+
+
+def out_param(command: click.Command) -> click.Parameter | None:
+    """The command's `--out` option (the output it writes), if it has one."""
+    return next((p for p in command.params if "--out" in getattr(p, "opts", ())), None)
+
+
+def lock_output(command: click.Command) -> click.Command:
+    """Give a command with `--out` the output lock (one run per output) and `--force-unlock`."""
+    param = out_param(command)
+    if param is None or command.callback is None:
+        return command
+    command.params.append(
+        click.Option(
+            ["--force-unlock"],
+            is_flag=True,
+            help="Take the output's lock even from a run that looks alive (only when it is "
+            "certainly gone, e.g. on a host that no longer exists).",
+        )
+    )
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def run(*args, force_unlock: bool, **kwargs):
+        with locked(kwargs[param.name], command.name or "mmcurate", force_unlock):
+            return callback(*args, **kwargs)
+
+    command.callback = run
+    return command

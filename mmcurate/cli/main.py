@@ -9,13 +9,16 @@ import warnings
 
 import click
 
+from mmcurate.cli.common import lock_output
 from mmcurate.cli.distill_cmds import buffer, distill_cmd, evaluate_cmd
 from mmcurate.cli.embed_cmd import embed
 from mmcurate.cli.pipeline_cmds import demo, pipeline
 from mmcurate.cli.report_cmd import report_cmd
 from mmcurate.cli.score_cmd import score
 from mmcurate.cli.select_cmd import reshard_cmd, select_cmd
-from mmcurate.errors import MmcurateError, UsageError
+from mmcurate.cli.verify_cmd import verify_cmd
+from mmcurate.engine import interrupts
+from mmcurate.errors import Interrupted, MmcurateError, UsageError
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
@@ -23,9 +26,18 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 class Group(click.Group):
-    """Turns MmcurateError into one line and exit 2; unexpected errors into one line and exit 1."""
+    """Turns MmcurateError into one line and exit 2; unexpected errors into one line and exit 1;
+    SIGINT/SIGTERM into one line and exit 130/143, with every process it started killed."""
 
     def invoke(self, ctx: click.Context):
+        with interrupts.handling():
+            try:
+                return self._invoke(ctx)
+            except Interrupted as exc:
+                code = interrupts.stop(exc)
+        sys.exit(code)
+
+    def _invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UsageError as exc:
@@ -66,8 +78,9 @@ for command in (
     report_cmd,
     pipeline,
     demo,
+    verify_cmd,
 ):
-    cli.add_command(command)
+    cli.add_command(lock_output(command))
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mmcurate.data.markers import check_stem_file
 from mmcurate.data.uid import UID_DTYPE, hex_to_pairs
 from mmcurate.errors import ShardError, UsageError
 
@@ -138,6 +139,7 @@ def sidecar_rows(paths: Sequence[Path], metrics: Sequence[str]) -> tuple[list[in
     rows = []
     wide: set[str] = set()
     for path in paths:
+        check_stem_file(path.parent, sidecar_stem(path), path.name)
         try:
             meta = pq.read_metadata(path)
             schema = meta.schema.to_arrow_schema()

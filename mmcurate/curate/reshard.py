@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mmcurate.data.atomic import read_json_dict, save_npy_atomic, save_npz_atomic, write_json_atomic
+from mmcurate.data.markers import FILES, sizes_ok, vouch
 from mmcurate.data.shard_writer import (
     SIZES,
     STATS_SUFFIX,
@@ -303,6 +304,7 @@ def reshard(
         and all(previous.get(k) == v for k, v in config.items())
         and (out / SIZES).is_file()
         and all(_outputs_present(out, str(n)) for n in previous.get("shards", []))
+        and sizes_ok(previous, out)
     ):
         return {**previous, "already_complete": True}
 
@@ -345,6 +347,7 @@ def reshard(
         save_npy_atomic(out / NOT_FOUND, missing)
     elif (out / NOT_FOUND).is_file():
         (out / NOT_FOUND).unlink()
+    summary[FILES] = vouch([p for n in names for p in _outputs(out, n)] + [out / SIZES], out)
     write_json_atomic(out / MANIFEST, summary)
     for stale in set(previous.get("shards", [])) - set(names):
         for path in _outputs(out, str(stale)):

@@ -49,6 +49,7 @@ from mmcurate.curate.targets import cached_derived, cached_target
 from mmcurate.curate.validity import valid_rows
 from mmcurate.curate.windows import WindowItem, WindowRows, window_is_done, window_items
 from mmcurate.data.atomic import write_json_atomic, write_parquet_atomic
+from mmcurate.data.markers import FILES, vouch
 from mmcurate.data.store import done_path, read_stem
 from mmcurate.engine import Executor, report_progress, run_stage, summarise
 from mmcurate.errors import ShardError
@@ -279,6 +280,7 @@ def _write_window(
             marker["normsim_inf_recall"] = recall
         if job.lang_model:
             marker["lang_model"] = {"path": job.lang_model, "sha256": job.lang_model_sha256}
+        marker[FILES] = vouch([Path(job.out) / f"{s['stem']}.scores.parquet"], job.out)
         write_json_atomic(done_path(job.out, s["stem"]), marker)
 
 

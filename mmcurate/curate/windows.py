@@ -15,6 +15,7 @@ import torch
 
 from mmcurate.curate.rows import native
 from mmcurate.curate.score_config import ScoreJob
+from mmcurate.data.markers import sizes_ok
 from mmcurate.data.store import finished_stems, read_done
 from mmcurate.errors import UsageError
 
@@ -77,6 +78,8 @@ def window_is_done(job: ScoreJob, item: WindowItem) -> bool:
     for stem in item.stems:
         marker = read_done(job.out, stem)
         if not marker or marker.get("config") != sig or marker.get("window_stems") != item.stems:
+            return False
+        if not sizes_ok(marker, job.out):
             return False
     return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -13,26 +14,61 @@ from typing import Any
 
 import numpy as np
 
+from mmcurate.errors import ShardError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+DISK_FULL = {
+    errno.ENOSPC: "no space left on device",
+    errno.EFBIG: "file too large (the file size limit, ulimit -f)",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+class DiskFullError(ShardError):
+    """A write failed for lack of space: the item fails, naming the file and the cause."""
+
+
+def disk_full(path: str | os.PathLike, exc: BaseException) -> DiskFullError | None:
+    """The one-line error for a write to `path` that ran out of space, or None for any other."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            code = seen.errno  # pyarrow's OSErrors carry the errno only in their text
+            code = code or next((c for c in DISK_FULL if os.strerror(c) in str(seen)), None)
+            if code in DISK_FULL:
+                return DiskFullError(f"{path}: {DISK_FULL[code]}")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+
+    A full disk (or file size limit) fails with DiskFullError naming `path`; the temporary file
+    is removed whatever happens, so nothing under a final name is ever truncated."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
+    except Exception as exc:
+        full = disk_full(final, exc)
+        if full is None:
+            raise
+        raise full from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 

@@ -18,6 +18,7 @@ from mmcurate.data.atomic import (
     write_json_atomic,
     write_parquet_atomic,
 )
+from mmcurate.data.markers import FILES, check_stem_file, sizes_ok, vouch
 from mmcurate.errors import ShardError, UsageError
 
 DONE_SUFFIX = ".done.json"
@@ -43,8 +44,9 @@ def read_done(out_dir: str | os.PathLike, stem: str) -> dict | None:
 
 
 def is_done(out_dir: str | os.PathLike, stem: str) -> bool:
-    """True when the stem finished in an earlier run."""
-    return read_done(out_dir, stem) is not None
+    """True when the stem finished in an earlier run and its files still have their sizes."""
+    marker = read_done(out_dir, stem)
+    return marker is not None and sizes_ok(marker, out_dir)
 
 
 def write_stem(
@@ -59,9 +61,11 @@ def write_stem(
     for name, arr in arrays.items():
         if len(arr) != rows:
             raise ShardError(f"{stem}: array {name!r} has {len(arr)} rows, metadata has {rows}")
-    write_parquet_atomic(Path(store_dir) / f"{stem}.parquet", meta)
-    save_npz_atomic(Path(store_dir) / f"{stem}.npz", arrays)
-    write_json_atomic(done_path(store_dir, stem), {**stats, "rows": rows})
+    parquet, npz = Path(store_dir) / f"{stem}.parquet", Path(store_dir) / f"{stem}.npz"
+    write_parquet_atomic(parquet, meta)
+    save_npz_atomic(npz, arrays)
+    files = vouch([parquet, npz], store_dir)
+    write_json_atomic(done_path(store_dir, stem), {**stats, "rows": rows, FILES: files})
 
 
 def _store_stems(store_dir: Path) -> list[str]:
@@ -77,7 +81,7 @@ def finished_stems(store_dir: str | os.PathLike) -> list[str]:
     stems = _store_stems(root)
     if not any(root.glob(f"*{DONE_SUFFIX}")):
         return stems
-    finished = [s for s in stems if is_done(root, s)]
+    finished = [s for s in stems if read_done(root, s) is not None]  # sizes: checked on open
     unfinished = sorted(set(stems) - set(finished))
     if unfinished:
         warnings.warn(
@@ -93,6 +97,7 @@ def read_meta(store_dir: str | os.PathLike, stem: str, columns: Sequence[str] | 
     import pyarrow.parquet as pq
 
     path = Path(store_dir) / f"{stem}.parquet"
+    check_stem_file(store_dir, stem, path.name)
     try:
         table = pq.read_table(path)
     except Exception as exc:
@@ -141,6 +146,7 @@ def read_arrays(
 ) -> dict[str, np.ndarray]:
     """Memory-mapped embedding arrays of a stem, checked against the parquet's row count."""
     path = Path(store_dir) / f"{stem}.npz"
+    check_stem_file(store_dir, stem, path.name)
     out: dict[str, np.ndarray] = {}
     present = npz_keys(store_dir, stem)
     for key in keys:

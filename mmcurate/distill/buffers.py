@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mmcurate.data.atomic import read_json_dict, torch_save_atomic, write_json_atomic
+from mmcurate.data.markers import check_file, file_is_done, mark_file
 from mmcurate.data.store import read_done
 from mmcurate.distill.augment import (
     ExpertAugment,
@@ -38,7 +39,7 @@ from mmcurate.distill.towers import (
 )
 from mmcurate.embed import DEFAULT_DEVICE
 from mmcurate.engine import Executor, run_stage, summarise
-from mmcurate.errors import ShardError, UsageError
+from mmcurate.errors import MmcurateError, ShardError, UsageError
 
 MANIFEST = "buffers.json"
 FORMAT_VERSION = 2  # 2: the image protocol (augment, normalize, resize, drop_last) is recorded
@@ -202,12 +203,17 @@ def train_expert(
     traj_img, traj_txt = expert_trajectory(pairs, cfg, index, resolve_device(device))
     payload = {"image": traj_img, "text": traj_txt, "meta": expert_meta(cfg, pairs, index, dims)}
     torch_save_atomic(payload, expert_path(out_dir, index))
+    mark_file(expert_path(out_dir, index))
     return {"rows": pairs.n_pairs * cfg.epochs, "expert": index}
 
 
 def read_expert(path: str | os.PathLike, mmap: bool = True) -> dict:
     """Load an expert file with weights_only=True and check its layout; UsageError if corrupt."""
     path = Path(path)
+    try:
+        check_file(path)
+    except ShardError as exc:
+        raise UsageError(f"corrupt buffer file {exc}") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
@@ -232,11 +238,11 @@ def read_expert(path: str | os.PathLike, mmap: bool = True) -> dict:
 
 
 def _expert_complete(path: Path, expected: dict) -> bool:
-    if not path.is_file():
+    if not file_is_done(path):
         return False
     try:
         meta = read_expert(path)["meta"]
-    except UsageError:
+    except MmcurateError:
         return False
     return all(meta.get(k) == v for k, v in expected.items())
 

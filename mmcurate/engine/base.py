@@ -10,8 +10,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mmcurate.engine.interrupts import set_progress
 from mmcurate.engine.report import ProgressSink, reporting
-from mmcurate.errors import MmcurateError, UsageError
+from mmcurate.errors import Interrupted, MmcurateError, UsageError
 from mmcurate.progress import progress_bar
 
 
@@ -218,19 +219,37 @@ def run_stage(
     desc: str = "work",
     count_key: str = "rows",
 ) -> tuple[list[Outcome], list[str]]:
-    """Run the unfinished items; return their outcomes (sorted by name) and the skipped names."""
+    """Run the unfinished items; return their outcomes (sorted by name) and the skipped names.
+
+    The count of done items is kept up to date for the line an interrupted command prints."""
     done = [is_done(it) for it in items]
     todo = [it for it, d in zip(items, done) if not d]
     skipped = [it.name for it, d in zip(items, done) if d]
+    set_progress(len(skipped), len(items))
     progress = Progress(len(todo), desc, count_key)
     outcomes: list[Outcome] = []
+    results = executor.map(fn, todo, progress.advance)
     try:
-        for outcome in executor.map(fn, todo, progress.advance):
+        for outcome in results:
             outcomes.append(outcome)
             progress.update(outcome)
+            set_progress(len(skipped) + sum(o.ok for o in outcomes), len(items))
+    except Interrupted:
+        progress.bar.leave = False
+        _close(results)
+        set_progress(sum(bool(is_done(it)) for it in items), len(items))  # what is on disk
+        raise
     finally:
+        _close(results)
         progress.close()
     return sorted(outcomes, key=lambda o: o.name), skipped
+
+
+def _close(results: Iterator[Outcome]) -> None:
+    """Stop an executor's generator now (its workers are killed), not when it is collected."""
+    close = getattr(results, "close", None)
+    if close is not None:
+        close()
 
 
 def summarise(outcomes: Sequence[Outcome], skipped: Sequence[str]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -18,8 +19,10 @@ from mmcurate.engine.base import (
     resolve_threads,
     run_reported,
 )
+from mmcurate.engine.interrupts import kill_tree, signals_blocked
 from mmcurate.engine.report import ProgressSink, drain, queue_sink
 
+TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
 DIED = "worker process died (killed or out of memory)"
 POLL_SECONDS = 0.25
 _worker_sink: ProgressSink | None = None
@@ -80,7 +83,9 @@ class LocalExecutor(Executor):
     ) -> Generator[Outcome, None, list[WorkItem]]:
         """Run items on a fresh pool; yield outcomes; return the items a dead worker broke."""
         ctx = mp.get_context("spawn")
-        reports = ctx.Queue()
+        with signals_blocked():
+            _start_tracker()
+            reports = ctx.Queue()
         broken: list[int] = []
         try:
             with ProcessPoolExecutor(
@@ -89,25 +94,54 @@ class LocalExecutor(Executor):
                 initializer=_init_worker,
                 initargs=(self.threads, reports),
             ) as pool:
-                futures = {}
-                for i, item in enumerate(items):
-                    try:
-                        futures[pool.submit(_run_in_worker, fn, item)] = i
-                    except BrokenProcessPool:
-                        broken.extend(range(i, len(items)))
-                        break
-                pending = set(futures)
-                while pending:
-                    finished, pending = wait(pending, POLL_SECONDS, FIRST_COMPLETED)
-                    drain(reports, on_progress)
-                    for future in finished:
-                        try:
-                            outcome = future.result()
-                        except BrokenProcessPool:
-                            broken.append(futures[future])
-                            continue
-                        yield outcome
+                try:
+                    futures = _submit_all(pool, fn, items, broken)
+                    pending = set(futures)
+                    while pending:
+                        finished, pending = wait(pending, POLL_SECONDS, FIRST_COMPLETED)
+                        drain(reports, on_progress)
+                        for future in finished:
+                            try:
+                                outcome = future.result()
+                            except BrokenProcessPool:
+                                broken.append(futures[future])
+                                continue
+                            yield outcome
+                except BaseException:
+                    _kill_pool(pool)
+                    raise
         finally:
             reports.close()
             reports.join_thread()
         return [items[i] for i in sorted(broken)]
+
+
+def _start_tracker() -> None:
+    """Start the resource tracker told not to warn about the semaphores of workers an interrupt
+    killed: it still frees them when the command exits, which is all the warning would ask."""
+    from multiprocessing import resource_tracker
+
+    if TRACKER_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(TRACKER_QUIET)  # the tracker is started with this interpreter's -W
+    resource_tracker.ensure_running()
+
+
+def _submit_all(pool: ProcessPoolExecutor, fn: WorkFn, items: list[WorkItem], broken: list[int]):
+    """Submit every item (the pool spawns its workers here, with SIGINT/SIGTERM blocked so only
+    this process acts on them); items a broken pool refused go to `broken`."""
+    futures = {}
+    with signals_blocked():
+        for i, item in enumerate(items):
+            try:
+                futures[pool.submit(_run_in_worker, fn, item)] = i
+            except BrokenProcessPool:
+                broken.extend(range(i, len(items)))
+                break
+    return futures
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now (an interrupt): kill each worker and what it started, drop queued work."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        kill_tree(process.pid)
+    pool.shutdown(wait=False, cancel_futures=True)

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 import ray
 from ray.exceptions import OutOfMemoryError, RayError, RayTaskError, WorkerCrashedError
 
+from mmcurate.engine import interrupts
 from mmcurate.engine.base import (
     AUTO_THREADS,
     Executor,
@@ -102,16 +103,12 @@ class RayExecutor(Executor):
         then settle the threads per task against the cluster's nodes."""
         if not ray.is_initialized():
             try:
-                ray.init(
-                    address=self.address or "local",
-                    ignore_reinit_error=True,
-                    include_dashboard=False,
-                    logging_level=logging.ERROR,
-                    log_to_driver=False,
-                )
+                with interrupts.deferred():
+                    self._init()
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 where = self.address or "a new local instance"
                 raise UsageError(f"cannot start or reach Ray at {where}: {one_line(exc)}") from None
+            interrupts.reinstall()  # ray.init installs its own SIGTERM handler
         cpus = node_cpus()
         if self.threads is None:
             self.threads = resolve_threads(AUTO_THREADS, self.workers, int(min(cpus, default=1)))
@@ -119,6 +116,16 @@ class RayExecutor(Executor):
             raise UsageError(
                 f"--threads {self.threads}: no Ray node has that many CPUs (largest: {max(cpus):g})"
             )
+
+    def _init(self) -> None:
+        """ray.init at `address` (a new local instance when None), quiet."""
+        ray.init(
+            address=self.address or "local",
+            ignore_reinit_error=True,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
 
     def check_device(self, device: str | None) -> None:
         """Refuse CUDA without GPUs per task, and GPUs per task on a cluster without them."""
@@ -151,7 +158,8 @@ class RayExecutor(Executor):
         if not items:
             return
         self.connect()
-        fn_ref = ray.put(fn)
+        with interrupts.deferred():
+            fn_ref = ray.put(fn)
         options = {
             "num_cpus": self.threads,
             "num_gpus": self.num_gpus,
@@ -164,29 +172,35 @@ class RayExecutor(Executor):
         if on_progress is not None:
             from ray.util.queue import Queue
 
-            reports = Queue(actor_options={"num_cpus": 0})
+            with interrupts.deferred():
+                reports = Queue(actor_options={"num_cpus": 0})
         task = _ray_task.options(**options)
-        pending = {task.remote(fn_ref, item, self.threads, reports): item for item in items}
+        with interrupts.deferred():
+            pending = {task.remote(fn_ref, item, self.threads, reports): item for item in items}
         try:
             while pending:
                 refs = list(pending)
-                ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_SECONDS)
-                if reports is not None:
-                    _drain(reports, on_progress)
-                if not ready:
-                    continue
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                with interrupts.deferred():
+                    ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_SECONDS)
+                    if reports is not None:
+                        _drain(reports, on_progress)
+                    if ready:
+                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 for ref in ready:
                     item = pending.pop(ref)
                     try:
-                        yield ray.get(ref)
+                        with interrupts.deferred():
+                            outcome = ray.get(ref)
                     except RayError as exc:
-                        yield Outcome(item.name, False, {}, failure_reason(exc, self.max_retries))
+                        reason = failure_reason(exc, self.max_retries)
+                        outcome = Outcome(item.name, False, {}, reason)
+                    yield outcome
         finally:
-            for ref in pending:
-                ray.cancel(ref)
-            if reports is not None:
-                reports.shutdown()
+            with interrupts.deferred():
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                if reports is not None:
+                    reports.shutdown()
 
 
 def _drain(reports, on_progress: ProgressSink) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from mmcurate.data.atomic import write_json_atomic
+from mmcurate.data.lock import locked
 from mmcurate.embed import check_device_name
 from mmcurate.engine import make_executor
 from mmcurate.errors import MmcurateError, UsageError
@@ -77,7 +78,20 @@ def run_pipeline(
     progress: bool = True,
     echo: Callable[[str], None] = click.echo,
 ) -> dict[str, Any]:
-    """Run the plan's stages in order; returns {stage: {"status", "hash", "summary", ...}}."""
+    """Run the plan's stages in order, holding the run directory's lock (one run per output);
+    returns {stage: {"status", "hash", "summary", ...}}."""
+    with locked(plan.out, "pipeline"):
+        return _run_stages(plan, start, until, progress, echo)
+
+
+def _run_stages(
+    plan: Plan,
+    start: str | None,
+    until: str | None,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """The stages of `run_pipeline`, in order."""
     stages = _stage_range(plan, start, until)
     ctx = Context(plan, make_executor(plan.executor), progress)
     check_device_name(ctx.device)

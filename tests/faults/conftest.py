@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from faults.figures import DEFAULT_JSON, FIGURES, table, write
+from faults.figures import DEFAULT_JSON, FIGURES, fault_table, table, write
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
@@ -16,5 +16,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     path = Path(os.environ.get("MMCURATE_FIGURES") or config.rootpath / DEFAULT_JSON)
     write(path, data)
     terminalreporter.write_sep("=", "mmcurate fault figures")
-    terminalreporter.write_line(table(data))
+    if data["cases"] or data["kills"]:
+        terminalreporter.write_line(table(data))
+    if data["fault_classes"]:
+        terminalreporter.write_line(fault_table(data))
     terminalreporter.write_line(f"figures JSON: {path}")

@@ -15,7 +15,8 @@ table at the end of a pytest session and writes it as JSON to `$MMCURATE_FIGURES
     .venv/bin/python tests/faults/figures.py [--json PATH]
 
 runs the fault suite, the kill-and-resume test and the loading-safety test, then prints the
-table as markdown.
+table as markdown; `--fault-classes` runs only the interrupt, lock, damaged-file and
+full-disk tests and prints their table.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ class Figures:
         self.lost: Counter[str] = Counter()
         self.kills: Counter[str] = Counter()
         self.kills_survived: Counter[str] = Counter()
+        self.fault_cases: Counter[str] = Counter()
+        self.fault_survived: Counter[str] = Counter()
+        self.fault_lost: Counter[str] = Counter()
 
     def record_run(
         self, command: str, digest: str, faults: list[str], crash: str | None, tally: Tally
@@ -145,6 +149,16 @@ class Figures:
         """One SIGKILL of a running command; survived when the resumed result is identical."""
         self.kills[command] += 1
         self.kills_survived[command] += int(survived)
+
+    def record_fault(self, kind: str, survived: bool, tally: Tally) -> None:
+        """One injected fault of a class (an interrupt, a full disk, a concurrent start, a
+        damaged file): whether every promise held, and the samples lost by the end of its
+        runs, from the command's records."""
+        if not isinstance(tally, Tally):
+            raise TypeError("record_fault needs a Tally made from the command's records")
+        self.fault_cases[kind] += 1
+        self.fault_survived[kind] += int(survived)
+        self.fault_lost[kind] += tally.lost
 
     def as_dict(self) -> dict:
         """The figures as plain JSON data."""
@@ -172,11 +186,19 @@ class Figures:
             },
             "faults": dict(sorted(self.faults.items())),
             "crash_list": list(self.crashes),
+            "fault_classes": {
+                k: {
+                    "cases": self.fault_cases[k],
+                    "survived": self.fault_survived[k],
+                    "samples_lost": self.fault_lost[k],
+                }
+                for k in sorted(self.fault_cases)
+            },
         }
 
     def empty(self) -> bool:
         """True when no test recorded anything."""
-        return not self.cases and not self.kills
+        return not self.cases and not self.kills and not self.fault_cases
 
 
 FIGURES = Figures()
@@ -217,6 +239,17 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def fault_table(data: dict) -> str:
+    """The fault classes a cluster job meets, one row each, as a markdown table."""
+    classes = data.get("fault_classes") or {}
+    lines = ["| fault | cases | survived | samples lost |", "|---|---:|---:|---:|"]
+    for kind, r in classes.items():
+        lines.append(f"| {kind} | {r['cases']} | {r['survived']} | {r['samples_lost']} |")
+    total = [sum(r[k] for r in classes.values()) for k in ("cases", "survived", "samples_lost")]
+    lines.append("| **total** | " + " | ".join(f"**{t}**" for t in total) + " |")
+    return "\n".join(lines)
+
+
 def write(path: str | os.PathLike, data: dict) -> None:
     """Write the figures JSON (plain write: this is a test report, not a pipeline output)."""
     target = Path(path)
@@ -224,19 +257,35 @@ def write(path: str | os.PathLike, data: dict) -> None:
     target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+CLASS_TESTS = [
+    "tests/faults/test_figures.py",  # loads tests/faults/conftest.py, which saves the figures
+    "tests/test_interrupts.py",
+    "tests/test_lock.py",
+    "tests/test_verify.py",
+    "tests/test_disk_full.py",
+]
+
+
 def main() -> int:
-    """Run the fault suite and kill test with figures enabled; print the markdown table."""
+    """Run the fault suite and kill test with figures enabled; print the markdown tables.
+    With `--fault-classes`, only the tests of the fault classes (interrupts, locks, damaged
+    files, full disk) and their table."""
     root = Path(__file__).resolve().parents[2]
     out = Path(sys.argv[sys.argv.index("--json") + 1]) if "--json" in sys.argv else None
     out = (out or root / DEFAULT_JSON).resolve()
     out.unlink(missing_ok=True)
     env = {**os.environ, "MMCURATE_FIGURES": str(out), "OMP_NUM_THREADS": "1"}
-    tests = ["tests/faults", "tests/test_kill_resume.py", "tests/test_loading_safety.py"]
+    classes_only = "--fault-classes" in sys.argv
+    tests = CLASS_TESTS if classes_only else ["tests/faults", "tests/test_kill_resume.py"]
+    tests += [] if classes_only else ["tests/test_loading_safety.py", *CLASS_TESTS[1:]]
     code = subprocess.call([sys.executable, "-m", "pytest", *tests, "-q"], cwd=root, env=env)
     if not out.is_file():
         print("no figures were recorded", file=sys.stderr)
         return code or 1
-    print(table(json.loads(out.read_text())))
+    data = json.loads(out.read_text())
+    if not classes_only:
+        print(table(data) + "\n")
+    print(fault_table(data))
     print(f"\n(JSON: {out}; pytest exit code {code})")
     return code
 
