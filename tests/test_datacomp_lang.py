@@ -157,3 +157,25 @@ def test_a_stem_without_captions_fails_alone(tmp_path):
     assert list(failed.values()) == ["00000001: parquet lacks column(s) ['text']"]
     assert (out / "00000000.scores.parquet").is_file()
     assert not (out / "00000001.scores.parquet").exists()
+
+
+def test_a_caption_parquet_resized_after_its_marker_fails_its_stem_naming_it(tmp_path):
+    from conftest import meta_table
+
+    from mmcurate.data.store import write_stem
+
+    store = tmp_path / "store"
+    for stem in ("a", "b"):
+        meta = meta_table(stem, 6)
+        arrays = {"img": np.eye(6, 4, dtype=np.float16), "txt": np.eye(6, 4, dtype=np.float16)}
+        write_stem(store, stem, meta, arrays, {"read": 6})
+    damaged = store / "b.parquet"
+    damaged.write_bytes(damaged.read_bytes() + b"\0")
+    out, summary = tmp_path / "scores", tmp_path / "summary.json"
+    result = score(store, "--out", out, "--metric", "lang", "--json", summary)
+    assert result.exit_code == 1, result.output
+    failed = json.loads(summary.read_text())["failed"]
+    assert len(failed) == 1
+    ((item, reason),) = failed.items()
+    assert item.endswith("/b") and "b.parquet: size" in reason and "marker" in reason
+    assert (out / "a.scores.parquet").is_file() and not (out / "b.scores.parquet").exists()

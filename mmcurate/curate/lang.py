@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmcurate.data.markers import check_stem_file
 from mmcurate.errors import ShardError, UsageError
 
 LANG = "lang"
@@ -91,10 +92,12 @@ def check_model(path: str | Path) -> None:
 
 def read_captions(store: str | Path, stem: str):
     """A stem's `uid` and caption columns only, read from its parquet (DataComp's `text` is
-    read as `caption`); a ShardError names what is wrong."""
+    read as `caption`), refused when its size differs from the stem's done marker; a ShardError
+    names what is wrong."""
     import pyarrow.parquet as pq
 
     path = Path(store) / f"{stem}.parquet"
+    check_stem_file(store, stem, path.name)
     try:
         names = pq.read_schema(path).names
         caption = "caption" if "caption" in names else "text"
