@@ -144,7 +144,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, corpus):
     deadline = time.monotonic() + 300
     killed_mid_buffer = False
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "buffer" / "expert_000.pt").is_file():
+        if (run / "buffer" / "expert_000.done.json").is_file():
             killed_mid_buffer = not (run / "buffer.stage.json").exists()
             os.kill(proc.pid, signal.SIGKILL)
             break
