@@ -160,13 +160,13 @@ def test_score_interrupt_two_workers(score_setup, tmp_path, mode):
 
 
 def test_embed_interrupt_two_workers(tmp_path):
-    shards = generate_corpus(tmp_path / "src", n_shards=8, per_shard=16, seed=5)
+    shards = generate_corpus(tmp_path / "src", n_shards=4, per_shard=16, seed=5)
     flags = ["--model", "open_clip:mmc-tiny", "--batch-size", "8", "--decode-workers", "1"]
     flags += ["--workers", "2", "--threads", "1"]
     ref, out = tmp_path / "ref", tmp_path / "store"
     _run(_command("embed", *shards, "--out", ref, *flags), tmp_path / "ref.log")
     args = _command("embed", *shards, "--out", out, *flags)
-    check_interrupt(args, out, ref, "sigint", tmp_path, "local", 8 * 16)
+    check_interrupt(args, out, ref, "sigint", tmp_path, "local", 4 * 16)
 
 
 def test_score_interrupt_on_ray(score_setup, tmp_path):
