@@ -216,6 +216,7 @@ def test_reduced_demo_writes_report_and_summary(tmp_path):
     assert teacher_row[0]["tau"] == pytest.approx(summary["tau"])
     assert [r["tau"] for r in summary["tau_sweep"]][::2] == [0.01, 0.1]
 
+    assert "Retrieval on the test split (pretrained regime)" in (out / "report.html").read_text()
     parser = _Images()
     parser.feed((out / "report.html").read_text())
     parser.close()

@@ -307,6 +307,7 @@ def run_demo(
             "duplicates": measured["duplicates"],
             "distilled": measured["distilled"],
             "retrieval": measured["retrieval"],
+            "regime": plan.regime,
             "notes": notes,
             "details": details,
         },
