@@ -53,8 +53,10 @@ def _session(sid: int) -> list[int]:
     return pids
 
 
-def _reap_orphans(sid: int, grace: float = 15.0) -> int:
-    """Wait for the killed command's children to exit; kill (and count) any that do not."""
+def _reap_orphans(sid: int, grace: float = 45.0) -> int:
+    """Wait for the killed command's children to exit (a decode worker notices its parent is
+    gone within its 5 s status interval; one still importing torch takes longer); kill (and
+    count) any that do not."""
     deadline = time.monotonic() + grace
     while _session(sid) and time.monotonic() < deadline:
         time.sleep(0.1)

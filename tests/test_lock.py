@@ -38,8 +38,10 @@ def _wait_for(path: Path, timeout: float = 300) -> None:
 def test_second_run_on_same_output_refused(store, tmp_path):
     out = tmp_path / "scores"
     args = _command("score", store, "--out", out, *FLAGS)
+    # K = 200 keeps the first run busy (~11 s of work) while the second starts (~4 s)
+    slow = _command("score", store, "--out", out, *FLAGS[:3], "200", *FLAGS[4:])
     first = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True
+        slow, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True
     )
     _wait_for(out / LOCK_NAME)
     start = time.monotonic()
