@@ -33,6 +33,12 @@ from mmcurate.demo.teacher import (
     save_teacher,
     train_teacher,
 )
+from mmcurate.distill.artifact import load_artifact
+from mmcurate.distill.buffers import load_buffers
+from mmcurate.distill.data import load_pairs
+from mmcurate.distill.evaluate import architecture, is_mtt_of, mtt_artifact
+from mmcurate.distill.evaluate_stage import tower_pins
+from mmcurate.engine import pinned
 
 
 def test_corpus_ground_truth_matches_the_shards(tmp_path):
@@ -135,6 +141,29 @@ def _brute_auroc(quality: np.ndarray, noise: np.ndarray) -> float:
 
 
 @pytest.mark.slow
+def _check_mtt_made_beside_lors(run: Path) -> None:
+    """The distill stage made MTT beside LoRS; evaluate used that file (it made none of its
+    own), and it is exactly what evaluate would have distilled from the LoRS artifact."""
+    lors = load_artifact(run / "distill" / "distilled.pt")
+    mtt = load_artifact(run / "distill" / "mtt.pt")
+    assert not (run / "evaluate" / "mtt.pt").exists() and is_mtt_of(mtt, lors)
+    arch = architecture(lors["config"])
+    train = load_pairs(
+        lors["config"]["data"],
+        image_size=arch["image_size"],
+        text_encoder=arch["text_encoder"],
+        cache_dir=run / "cache",
+        image_root=None,
+        device="cpu",
+        resize=arch["resize"],
+    )
+    buffers = load_buffers(lors["config"]["buffers"], tower_pins(lors["config"]))
+    with pinned(1):  # as every demo process
+        again = mtt_artifact(lors, train, buffers, progress=False)
+    for key in ("images", "texts", "lr_img", "lr_txt"):
+        assert torch.equal(torch.as_tensor(again[key]), torch.as_tensor(mtt[key])), key
+
+
 def test_reduced_demo_writes_report_and_summary(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out", out, "--size", "0.2", "--seed", "3", timeout=900)
@@ -164,6 +193,7 @@ def test_reduced_demo_writes_report_and_summary(tmp_path):
             assert entry[key]["std"] == pytest.approx(np.std(values), abs=1e-9)
     assert summary["retrieval"]["full"]["pairs"] > summary["retrieval"]["distilled"]["pairs"]
     assert summary["retrieval"]["mtt"]["pairs"] == summary["retrieval"]["distilled"]["pairs"]
+    _check_mtt_made_beside_lors(out / "run")
 
     # the headline AUROC, recomputed from the written sidecars and the ground-truth file
     truth = json.loads((out / "data" / "corpus" / "ground_truth.json").read_text())

@@ -196,3 +196,24 @@ def test_expert_recall_scores_each_snapshot_as_its_own_module(tmp_path):
     assert at_one == [_hand_recall(students[1], test)] * 2
     assert expert_recall(buffers, test, 0)[0] == _hand_recall(students[0], test)
     assert at_one[0] != expert_recall(buffers, test, 0)[0]
+
+
+def test_is_mtt_of_names_the_baseline_of_exactly_this_artifact():
+    from dataclasses import replace
+
+    from mmcurate.distill.evaluate import is_mtt_of
+    from mmcurate.distill.presets import mtt_config, resolve_config
+
+    lors = resolve_config("tiny", pairs=20)
+    where = {"data": "/d/*.tar", "buffers": "/b"}
+    art = {"config": {**lors.to_dict(), **where, "method": "lors"}}
+    mtt = {"config": {**mtt_config(lors).to_dict(), **where, "method": "mtt", "seconds": 3.0}}
+    assert is_mtt_of(mtt, art) and is_mtt_of(mtt, art, pairs=20)
+    assert not is_mtt_of(mtt, art, pairs=10)  # another budget
+    assert not is_mtt_of(art, art)  # LoRS itself: S learned, WBCE
+    other_seed = {"config": {**mtt["config"], "seed": lors.seed + 1}}
+    assert not is_mtt_of(other_seed, art)
+    fewer = {"config": {**mtt["config"], **replace(mtt_config(lors), iterations=5).to_dict()}}
+    assert not is_mtt_of(fewer, art)
+    for key in where:  # the same settings on other data or other buffers
+        assert not is_mtt_of({"config": {**mtt["config"], key: "/elsewhere"}}, art)

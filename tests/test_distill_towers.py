@@ -158,3 +158,16 @@ def test_a_changed_checkpoint_is_refused(root, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "was made with other weights of" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.pt").exists()
+
+
+def test_a_students_start_does_not_depend_on_what_the_process_built_before(root):
+    """The first student built from a checkpoint loads (and caches) its tower: that load must
+    not draw from the seeded stream, or the first student of a worker would differ from the
+    rest and results would depend on how items fall on workers."""
+    from mmcurate.distill.students import build_student
+    from mmcurate.distill.towers import _pretrained_visual
+
+    _pretrained_visual.cache_clear()
+    first, second = (build_student(root["image"], 32, 32, seed=5) for _ in range(2))
+    params = dict(second.named_parameters())
+    assert all(torch.equal(p, params[n]) for n, p in first.named_parameters())

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -29,7 +30,8 @@ from mmcurate.demo.faults import DemoSizes, corpus_paths, make_teacher_split, wr
 from mmcurate.demo.measure import KEEP, measure
 from mmcurate.demo.pretrain import PretrainConfig, save_towers
 from mmcurate.demo.teacher import TeacherConfig, save_teacher, teacher_spec, train_teacher
-from mmcurate.errors import UsageError
+from mmcurate.engine import LocalExecutor
+from mmcurate.errors import MmcurateError, UsageError
 
 DATA_VERSION = 4  # bump when the corpus, teacher or tower code changes: old demo data is remade
 REGIMES = ("pretrained", "scratch")
@@ -117,16 +119,23 @@ def prepare_data(root: Path, plan: DemoPlan, seed: int, echo: Callable[[str], No
     echo(f"== data: writing the corpus ({plan.sizes.pool} pool pairs with injected faults)")
     write_demo_corpus(data / "corpus", plan.sizes, seed)
     echo(f"== data: training the teacher ({plan.teacher.steps} steps on {plan.sizes.train} pairs)")
-    split = make_teacher_split(plan.sizes, seed)
-    model, stats = train_teacher(split["images"], split["captions"], plan.teacher)
-    spec = save_teacher(model, teacher_path)
-    towers = None
+    jobs = [DataItem("teacher")]
     if plan.regime == "pretrained":
         echo(
             f"== data: pretraining the students' towers apart ({plan.pretrain.steps} steps each: "
-            "image attributes from pixels, attribute words from captions)"
+            "image attributes from pixels, attribute words from captions), beside the teacher"
         )
-        towers = save_towers(split, plan.pretrain, data)["stats"]
+        jobs.append(DataItem("towers"))
+    split = make_teacher_split(plan.sizes, seed)
+    made = {}
+    work = functools.partial(train_data_item, split, plan, data)
+    for outcome in LocalExecutor(workers=plan.workers, threads=plan.threads).map(work, jobs):
+        if not outcome.ok:
+            raise MmcurateError(f"demo data: {outcome.name} failed: {outcome.error}")
+        made[outcome.name] = outcome.stats
+    stats = {k: v for k, v in made["teacher"].items() if k != "threads"}
+    towers = made["towers"]["towers"] if "towers" in made else None
+    spec = teacher_spec(teacher_path)
     stats["data_seconds"] = round(time.perf_counter() - began, 2)
     record = {"made_with": wanted, "stats": stats, "towers_stats": towers}
     write_json_atomic(record_path, record)
@@ -137,6 +146,23 @@ def prepare_data(root: Path, plan: DemoPlan, seed: int, echo: Callable[[str], No
         "teacher": spec,
         "teacher_stats": stats,
     }
+
+
+@dataclass(frozen=True)
+class DataItem:
+    """One model the demo trains on the clean split: `teacher` or `towers`."""
+
+    name: str
+
+
+def train_data_item(split: dict, plan: DemoPlan, data: Path, item: DataItem) -> dict:
+    """Train and save the teacher (its stats) or the students' towers (their stats), each on
+    one thread in its own worker, so the two train side by side with the same figures."""
+    if item.name == "teacher":
+        model, stats = train_teacher(split["images"], split["captions"], plan.teacher)
+        save_teacher(model, data / "teacher.pt")
+        return stats
+    return {"towers": save_towers(split, plan.pretrain, data)["stats"]}
 
 
 def students(data: Path, regime: str) -> dict[str, str]:

@@ -303,6 +303,16 @@ def mtt_artifact(
     )
 
 
+def is_mtt_of(mtt: dict, art: dict, pairs: int | None = None) -> bool:
+    """True when artifact MTT is the MTT-VL baseline `mtt_artifact` would distill from ART at
+    N pairs: the same settings with S fixed to I and cross-entropy, the same data and buffers."""
+    expected = mtt_config(artifact_config_of(art))
+    if pairs is not None:
+        expected = replace(expected, pairs=pairs)
+    same_inputs = all(mtt["config"].get(k) == art["config"].get(k) for k in ("data", "buffers"))
+    return same_inputs and artifact_config_of(mtt) == expected
+
+
 def real_set(art: dict, train: PairSet, chosen: np.ndarray) -> SmallSet:
     """Real pairs as a training set: S = I, cross-entropy, the experts' learning rate."""
     cfg = art["config"]

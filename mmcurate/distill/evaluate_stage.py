@@ -5,7 +5,9 @@ draw for each student, independent of the distillation's initial pairs), every r
 (full), and MTT-VL (S fixed to I). Every set's students train with the same recipe
 (EvalConfig). Figures are taken after the last epoch; the paper protocol adds the best epoch on
 the test split, kept apart as `best_on_test`. The MTT distillation is itself a work item, run
-beside the other sets' students; the MTT students follow it.
+beside the other sets' students; the MTT students follow it. An MTT artifact already at its
+path (the pipeline's distill stage makes it beside LoRS) is used when it is the baseline of
+this artifact at these N pairs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mmcurate.distill.evaluate import (
     architecture,
     artifact_set,
     full_set,
+    is_mtt_of,
     mtt_artifact,
     random_set,
     student_recall,
@@ -155,6 +158,11 @@ def tower_pins(cfg: dict) -> dict:
     return {k: cfg[k] for k in keys if k in cfg}
 
 
+def _mtt_made(path: str | os.PathLike | None, art: dict, pairs: int) -> bool:
+    """True when PATH holds the finished MTT baseline of ART at N pairs."""
+    return path is not None and Path(path).is_file() and is_mtt_of(load_artifact(path), art, pairs)
+
+
 def _check_sets(sets: Sequence[str], train: str | None) -> None:
     unknown = [s for s in sets if s != "distilled" and s not in BASELINES]
     if unknown:
@@ -248,7 +256,7 @@ def run_evaluate(
             for name in sorted(sets, key=lambda s: s != "full")
             for k in range(config.num_eval)
         ]
-        first = [MttItem()] if "mtt" in sets else []
+        first = [MttItem()] if "mtt" in sets and not _mtt_made(mtt_out, art, n) else []
         first += [it for it in students if it.set != "mtt"]
         outcomes, skipped = [], []
         for items in (first, [it for it in students if it.set == "mtt"]):

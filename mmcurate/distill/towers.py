@@ -13,6 +13,7 @@ import copy
 import functools
 import re
 
+import torch
 from torch import Tensor, nn
 
 from mmcurate.embed.encoders import (
@@ -111,7 +112,10 @@ def _visual(name: str) -> nn.Module:
 
 @functools.lru_cache(maxsize=2)
 def _pretrained_visual(name: str) -> nn.Module:
-    return _visual(name)
+    """Loaded once per process without drawing from the caller's RNG (the weights replace the
+    random start), so a student's seeded start never depends on what the process built before."""
+    with torch.random.fork_rng(devices=[]):
+        return _visual(name)
 
 
 def _open_clip_backbone(name: str, image_size: int) -> nn.Module:

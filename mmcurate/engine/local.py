@@ -1,4 +1,8 @@
-"""The local executor: in this process for one worker, a spawned process pool for several."""
+"""The local executor: in this process for one worker, a process pool for several.
+
+Pool workers are forked from multiprocessing's fork server, which imports torch and numpy
+once for the whole command: a later pool starts in a fraction of a second instead of each
+worker importing torch again (the fork server has run no compute, so forking it is safe)."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from mmcurate.engine.interrupts import kill_tree, signals_blocked
 from mmcurate.engine.report import ProgressSink, drain, queue_sink
 
 TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+PRELOAD = ["numpy", "torch"]
 DIED = "worker process died (killed or out of memory)"
 POLL_SECONDS = 0.25
 _worker_sink: ProgressSink | None = None
@@ -82,7 +87,7 @@ class LocalExecutor(Executor):
         on_progress: ProgressSink | None,
     ) -> Generator[Outcome, None, list[WorkItem]]:
         """Run items on a fresh pool; yield outcomes; return the items a dead worker broke."""
-        ctx = mp.get_context("spawn")
+        ctx = pool_context()
         with signals_blocked():
             _start_tracker()
             reports = ctx.Queue()
@@ -114,6 +119,13 @@ class LocalExecutor(Executor):
             reports.close()
             reports.join_thread()
         return [items[i] for i in sorted(broken)]
+
+
+def pool_context() -> mp.context.BaseContext:
+    """The fork server's context, preloading the heavy imports every worker needs."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def _start_tracker() -> None:

@@ -3,6 +3,7 @@ name its outputs. Inputs a section leaves out come from the stage before it."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,12 +12,15 @@ from mmcurate.curate.reshard import ReshardConfig, reshard
 from mmcurate.curate.score_config import ScoreConfig
 from mmcurate.curate.score_stage import run_score
 from mmcurate.curate.select import SelectConfig, run_select
-from mmcurate.distill.buffers import BufferConfig, expert_path, make_buffers
+from mmcurate.distill.buffers import BufferConfig, expert_path, load_buffers, make_buffers
+from mmcurate.distill.checkpoint import checkpoint_path
 from mmcurate.distill.distiller import run_distill
 from mmcurate.distill.evaluate import EvalConfig
 from mmcurate.distill.evaluate_stage import run_evaluate
+from mmcurate.distill.presets import DistillConfig, mtt_config
+from mmcurate.distill.towers import check_tower_weights
 from mmcurate.embed.stage import EmbedConfig, run_embed
-from mmcurate.engine import Executor
+from mmcurate.engine import Executor, run_stage
 from mmcurate.errors import MmcurateError
 from mmcurate.pipeline.config import Plan, as_list, build, distill_config
 
@@ -134,30 +138,69 @@ def buffer_stage(ctx: Context) -> tuple[dict, list[Path]]:
     return summary, [expert_path(out, i) for i in range(config.experts)]
 
 
+MTT_FILE = "mtt.pt"
 # the buffer keys distill checks
 DISTILL_PINS = ("image_encoder", "image_size", "text_encoder", "normalize", "resize")
 
 
+@dataclass(frozen=True)
+class DistillItem:
+    """One distillation of the distill stage: `lors`, or the `mtt` baseline beside it."""
+
+    name: str
+    out: str
+    export: str | None
+
+
+def distill_item(common: dict, config: DistillConfig, item: DistillItem) -> dict:
+    """Work item: LoRS, or MTT-VL (S fixed to I, cross-entropy) from the same settings."""
+    mtt = item.name == "mtt"
+    return run_distill(
+        config=mtt_config(config) if mtt else config,
+        out=item.out,
+        export_dir=item.export,
+        **{**common, "progress": common["progress"] and not mtt},
+    )
+
+
 def distill_stage(ctx: Context) -> tuple[dict, list[Path]]:
-    """LoRS on the selected pairs; resumes from its checkpoint after an interruption."""
+    """LoRS on the selected pairs; resumes from its checkpoint after an interruption. When the
+    evaluate stage has the MTT baseline, MTT is distilled here too, beside LoRS on a second
+    worker, and evaluate uses it."""
     c = ctx.section("distill")
     arch = ctx.section("buffer")
     out = ctx.path("distill", "distilled.pt")
     export = ctx.path("distill", "export")
-    summary = run_distill(
-        _train_data(ctx, "distill"),
-        c["buffers"] or ctx.path("buffer"),
-        out,
-        distill_config(c, ctx.plan.seed),
-        cache_dir=ctx.cache,
-        image_root=c["image_root"],
-        device=ctx.device,
-        save_every=int(c["save_every"]),
-        resume=True,
-        export_dir=export,
-        expect={k: arch[k] for k in DISTILL_PINS} if arch else None,
-        progress=ctx.progress,
-    )
+    mtt = ctx.path("distill", MTT_FILE)
+    buffers = c["buffers"] or ctx.path("buffer")
+    expect = {k: arch[k] for k in DISTILL_PINS} if arch else None
+    check_tower_weights(load_buffers(buffers, expect).meta, f"buffers in {buffers}")
+    common = {
+        "data": _train_data(ctx, "distill"),
+        "buffers_dir": str(buffers),
+        "cache_dir": ctx.cache,
+        "image_root": c["image_root"],
+        "device": ctx.device,
+        "save_every": int(c["save_every"]),
+        "resume": True,
+        "expect": expect,
+        "progress": ctx.progress,
+    }
+    items = [DistillItem("lors", str(out), str(export))]
+    if "mtt" in as_list(ctx.section("evaluate").get("baselines")):
+        items.append(DistillItem("mtt", str(mtt), None))
+    else:
+        for stale in (mtt, checkpoint_path(mtt)):
+            stale.unlink(missing_ok=True)
+    work = functools.partial(distill_item, common, distill_config(c, ctx.plan.seed))
+    outcomes, _ = run_stage(ctx.executor, work, items, desc="distill", count_key="pairs")
+    made = {o.name: o for o in outcomes}
+    for failed in (o for o in outcomes if not o.ok):
+        raise MmcurateError(f"stage distill: the {failed.name} distillation failed: {failed.error}")
+    summary = {k: v for k, v in made["lors"].stats.items() if k != "threads"}
+    if "mtt" in made:
+        summary["mtt"] = str(mtt)
+        return summary, [out, export / "captions.json", mtt]
     return summary, [out, export / "captions.json"]
 
 
@@ -174,6 +217,7 @@ def evaluate_stage(ctx: Context) -> tuple[dict, list[Path]]:
     )
     sets = ["distilled", *as_list(c["baselines"])]
     out = ctx.path("evaluate")
+    mtt = ctx.path("distill", MTT_FILE)  # made by the distill stage beside LoRS
     summary = run_evaluate(
         c["artifact"] or ctx.path("distill", "distilled.pt"),
         c["test"],
@@ -186,7 +230,7 @@ def evaluate_stage(ctx: Context) -> tuple[dict, list[Path]]:
         device=ctx.device,
         out=out,
         buffers=ctx.section("distill").get("buffers") or ctx.path("buffer"),
-        mtt_out=out / "mtt.pt",
+        mtt_out=mtt if mtt.is_file() else out / MTT_FILE,
         progress=ctx.progress,
     )
     return summary, [out / f"{name}.json" for name in sets]
