@@ -1,5 +1,6 @@
 """SIGINT (a terminal's Ctrl-C, to the whole process group), SIGTERM (a scheduler's, to the
-command) and a double Ctrl-C sent to real multi-worker `mmcurate score` and `embed` runs.
+command) and a double Ctrl-C sent to real multi-worker `mmcurate score`, `embed` and `buffer`
+runs, and to `score` on Ray.
 
 Each must stop within 10 s with exit 130/143, print exactly one `interrupted: N of M shards
 done` line and no traceback, leave no process of its session running, keep its finished
@@ -13,10 +14,11 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from faults.figures import FIGURES, tally_markers
+from faults.figures import FIGURES, tally_experts, tally_markers
 from test_kill_resume import ENV, _command, _finished, _score_store, _session, _snapshot
 
 from mmcurate.demo.corpus import generate_corpus
@@ -99,7 +101,14 @@ def interrupt(args: list[str], out: Path, mode: str, log: Path, after: int = 1) 
 
 
 def check_interrupt(
-    args: list[str], out: Path, ref: Path, mode: str, tmp: Path, executor: str, read: int
+    args: list[str],
+    out: Path,
+    ref: Path,
+    mode: str,
+    tmp: Path,
+    executor: str,
+    read: int,
+    tally: Callable = tally_markers,
 ) -> None:
     """Interrupt, check every promise, resume, compare byte for byte; record the figure."""
     reference = _snapshot(ref)
@@ -122,8 +131,8 @@ def check_interrupt(
         and kept
         and identical
     )
-    tally = tally_markers(read, sorted(out.glob("*.done.json")))
-    FIGURES.record_fault(f"interrupt: {mode} ({executor})", survived, tally)
+    counted = tally(read, sorted(out.glob("*.done.json")))
+    FIGURES.record_fault(f"interrupt: {mode} ({executor})", survived, counted)
     assert got["alive"], "the run finished before the signal"
     assert got["code"] == MODES[mode][3], got
     assert got["seconds"] < 10, got
@@ -169,11 +178,26 @@ def test_embed_interrupt_two_workers(tmp_path):
     check_interrupt(args, out, ref, "sigint", tmp_path, "local", 4 * 16)
 
 
-def test_score_interrupt_on_ray(score_setup, tmp_path):
-    """Ctrl-C to a run on the local Ray instance it started: the instance goes too."""
+def test_buffer_interrupt_two_workers(tmp_path):
+    """The distillation side: experts are the items, each kept once its marker is written."""
+    generate_corpus(tmp_path / "src", n_shards=2, per_shard=24, seed=5)
+    flags = ["--experts", "6", "--epochs", "3", "--batch-size", "8", "--image-size", "32"]
+    flags += ["--image-encoder", "convnet-tiny", "--text-encoder", "hf-text:mmc-tiny-bert"]
+    flags += ["--no-augment", "--device", "cpu", "--workers", "2", "--threads", "1"]
+    ref, out = tmp_path / "ref", tmp_path / "buffers"
+    _run(_command("buffer", tmp_path / "src", "--out", ref, *flags), tmp_path / "ref.log")
+    args = _command("buffer", tmp_path / "src", "--out", out, *flags)
+    check_interrupt(args, out, ref, "sigterm", tmp_path, "local", 6, tally_experts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+def test_score_interrupt_on_ray(score_setup, tmp_path, mode):
+    """Ctrl-C, a scheduler's SIGTERM or a double Ctrl-C to a run on the local Ray instance it
+    started: the instance goes too."""
     pytest.importorskip("ray")
     root, ref = score_setup
     out = tmp_path / "scores"
     flags = [*BASE_FLAGS, "--threads", "1", "--executor", "ray"]
     args = _command("score", root / "store", "--out", out, *flags)
-    check_interrupt(args, out, ref, "sigint", tmp_path, "ray", STEMS * ROWS)
+    check_interrupt(args, out, ref, mode, tmp_path, "ray", STEMS * ROWS)

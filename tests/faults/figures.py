@@ -75,6 +75,12 @@ def tally_markers(read: int, markers: Iterable[Path]) -> Tally:
     return Tally(read, written, skipped, tuple(records), _TOKEN)
 
 
+def tally_experts(read: int, markers: Iterable[Path]) -> Tally:
+    """buffer: expert files, each vouched for by its done marker, of `read` experts asked for."""
+    records = [str(p) for p in markers if _load(p)["files"]]
+    return Tally(read, len(records), 0, tuple(records), _TOKEN)
+
+
 def tally_select(read: int, record: Path) -> Tally:
     """select: rows kept (the subset plus merged duplicate uids) and rows each stage dropped,
     from subset.json; `read` is the pool's rows. No record (refused or failed): nothing."""
