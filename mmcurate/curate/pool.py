@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,6 +271,14 @@ class Pool:
         if self._pairs is not None:
             return self._pairs[rows]
         out = np.empty(len(rows), dtype=UID_DTYPE)
+        for first, pairs in self.uid_blocks():
+            a, b = np.searchsorted(rows, [first, first + len(pairs)])
+            out[a:b] = pairs[rows[a:b] - first]
+        return out
+
+    def uid_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, uid pairs) of each block of every file in row order, parsed and checked
+        a block at a time; a bad uid column fails naming its stem."""
         for i in range(len(self.paths)):
             column = self._table(i, ["uid"]).column("uid").combine_chunks()
             lo = int(self.offsets[i])
@@ -279,9 +287,7 @@ class Pool:
                     pairs = hex_to_pairs(column.slice(start, UID_BLOCK))
                 except ValueError as exc:
                     raise ShardError(f"{self.stems[i]}: bad uid column: {exc}") from None
-                a, b = np.searchsorted(rows, [lo + start, lo + start + len(pairs)])
-                out[a:b] = pairs[rows[a:b] - (lo + start)]
-        return out
+                yield lo + start, pairs
 
     @property
     def pairs(self) -> np.ndarray:

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmcurate.curate.pool import UID_BLOCK, Pool
+from mmcurate.curate.pool import Pool
 from mmcurate.curate.rules import EXACT, NORMSIM_D, apply_rule, parse_rule
-from mmcurate.data.uid import hex_to_pairs
-from mmcurate.errors import ShardError, UsageError
+from mmcurate.errors import UsageError
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 LOW_KEPT = ("<=", "<")
@@ -47,15 +46,8 @@ def subset_rows(pool: Pool, subset: np.ndarray) -> np.ndarray:
     mask = np.zeros(pool.size, dtype=bool)
     if not len(subset):
         return mask
-    for i in range(len(pool.paths)):
-        column = pool._table(i, ["uid"]).column("uid").combine_chunks()
-        lo = int(pool.offsets[i])
-        for start in range(0, len(column), UID_BLOCK):
-            try:
-                pairs = hex_to_pairs(column.slice(start, UID_BLOCK))
-            except ValueError as exc:
-                raise ShardError(f"{pool.stems[i]}: bad uid column: {exc}") from None
-            mask[lo + start : lo + start + len(pairs)] = _contains(subset, pairs)
+    for first, pairs in pool.uid_blocks():
+        mask[first : first + len(pairs)] = _contains(subset, pairs)
     return mask
 
 
