@@ -7,7 +7,10 @@ worker importing torch again (the fork server has run no compute, so forking it 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import select
 import sys
+import threading
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -33,9 +36,29 @@ POLL_SECONDS = 0.25
 _worker_sink: ProgressSink | None = None
 
 
-def _init_worker(threads: int, queue) -> None:
-    """A pool worker: pinned to its threads, reporting progress through the queue."""
+def _die_with_command(pid: int) -> None:
+    """End this worker when the command that started it dies, even by SIGKILL (no handler of
+    its runs then): a thread waits on the command's pidfd (Linux 5.3+; elsewhere a worker
+    notices only when its queues break)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mmcurate-command-watch", daemon=True).start()
+
+
+def _init_worker(command: int, threads: int, queue) -> None:
+    """A pool worker: pinned to its threads, reporting progress through the queue, ending
+    with the command."""
     global _worker_sink
+    _die_with_command(command)
     pin_threads(threads)
     queue.cancel_join_thread()  # a worker never waits at exit to flush progress ticks
     _worker_sink = queue_sink(queue)
@@ -97,7 +120,7 @@ class LocalExecutor(Executor):
                 max_workers=min(workers, len(items)),
                 mp_context=ctx,
                 initializer=_init_worker,
-                initargs=(self.threads, reports),
+                initargs=(os.getpid(), self.threads, reports),
             ) as pool:
                 try:
                     futures = _submit_all(pool, fn, items, broken)
