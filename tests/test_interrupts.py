@@ -54,9 +54,17 @@ def _run(args: list[str], log: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def interrupt(args: list[str], out: Path, mode: str, log: Path, after: int = 1) -> dict:
-    """Start the command in its own session, wait until `after` stems are done, signal it as
-    `mode` says; return what happened: exit code, seconds to stop, stderr, survivors."""
+def interrupt(
+    args: list[str],
+    out: Path,
+    mode: str,
+    log: Path,
+    after: int = 1,
+    ready: Callable[[], bool] | None = None,
+) -> dict:
+    """Start the command in its own session, wait until `after` stems are done (or `ready()`),
+    signal it as `mode` says; return what happened: exit code, seconds to stop, stderr,
+    survivors."""
     signum, group, count, _ = MODES[mode]
     ray_before = _ray_processes()
     with open(log, "wb") as err:
@@ -65,7 +73,7 @@ def interrupt(args: list[str], out: Path, mode: str, log: Path, after: int = 1) 
         )
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
-        if len(_finished(out, ".done.json")) >= after:
+        if ready() if ready else len(_finished(out, ".done.json")) >= after:
             break
         time.sleep(0.01)
     alive = proc.poll() is None
@@ -188,6 +196,40 @@ def test_buffer_interrupt_two_workers(tmp_path):
     _run(_command("buffer", tmp_path / "src", "--out", ref, *flags), tmp_path / "ref.log")
     args = _command("buffer", tmp_path / "src", "--out", out, *flags)
     check_interrupt(args, out, ref, "sigterm", tmp_path, "local", 6, tally_experts)
+
+
+def test_distill_interrupt_resumes_from_its_checkpoint(tmp_path):
+    """One process, no shards: Ctrl-C keeps the last checkpoint and writes no artifact, and
+    `--resume` continues to the synthetic set of a run never stopped."""
+    import torch
+
+    generate_corpus(tmp_path / "src", n_shards=1, per_shard=24, seed=5)
+    buffers = tmp_path / "buf"
+    made = ["--experts", "2", "--epochs", "3", "--batch-size", "8", "--image-size", "32"]
+    made += ["--no-augment", "--device", "cpu", "--image-encoder", "convnet-tiny"]
+    made += ["--text-encoder", "hf-text:mmc-tiny-bert"]
+    _run(_command("buffer", tmp_path / "src", "--out", buffers, *made), tmp_path / "buf.log")
+    flags = ["--buffers", str(buffers), "--preset", "tiny", "--pairs", "6", "--mini-batch", "3"]
+    flags += ["--syn-steps", "3", "--lr-lr", "0", "--lr-img", "1", "--lr-txt", "1"]
+    flags += ["--iterations", "40", "--save-every", "2"]
+    flags += ["--device", "cpu"]
+    ref, out = tmp_path / "ref.pt", tmp_path / "art.pt"
+    _run(_command("distill", tmp_path / "src", "--out", ref, *flags), tmp_path / "ref.log")
+    args = _command("distill", tmp_path / "src", "--out", out, *flags)
+    checkpoint = tmp_path / "art.ckpt.pt"
+    got = interrupt(args, out, "sigint", tmp_path / "int.log", ready=checkpoint.is_file)
+    lines = got["stderr"].strip().splitlines()
+    assert got["alive"] and got["code"] == 130 and got["seconds"] < 10, got
+    assert re.fullmatch(r"interrupted: .*; run the same command again to resume", lines[-1])
+    assert "Traceback" not in got["stderr"] and not got["left"], got
+    assert checkpoint.is_file() and not out.exists()
+    _run([*args, "--resume"], tmp_path / "resume.log")
+    resumed = torch.load(out, weights_only=True)
+    clean = torch.load(ref, weights_only=True)
+    for key in ("images", "texts", "lr_img", "lr_txt"):
+        assert torch.equal(torch.as_tensor(resumed[key]), torch.as_tensor(clean[key])), key
+    for key, value in clean["similarity"].items():
+        assert torch.equal(torch.as_tensor(resumed["similarity"][key]), torch.as_tensor(value))
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -135,6 +136,12 @@ def _as_is(batch: dict) -> dict:
     return batch
 
 
+# Decode workers fork on Linux, as the DataLoader's default there, also inside a pool worker,
+# whose default start method is its own pool's (a spawned decode worker imports torch anew for
+# every shard).
+DECODE_START = "fork" if sys.platform.startswith("linux") else None
+
+
 def _loader(reader: ShardReader, decoder: BatchDecoder, decode_workers: int) -> DataLoader:
     return DataLoader(
         decoder,
@@ -144,6 +151,7 @@ def _loader(reader: ShardReader, decoder: BatchDecoder, decode_workers: int) -> 
         num_workers=decode_workers,
         prefetch_factor=4 if decode_workers else None,
         persistent_workers=False,
+        multiprocessing_context=DECODE_START if decode_workers else None,
     )
 
 

@@ -145,7 +145,10 @@ class LocalExecutor(Executor):
 
 
 def pool_context() -> mp.context.BaseContext:
-    """The fork server's context, preloading the heavy imports every worker needs."""
+    """The fork server's context, preloading the heavy imports every worker needs (spawn
+    where there is no fork server: Windows)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
