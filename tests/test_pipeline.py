@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from test_kill_resume import _session
+from test_interrupts import interrupt
+from test_kill_resume import _command, _session
 
 from mmcurate.demo.faults import DemoSizes, corpus_paths, write_demo_corpus
 from mmcurate.demo.run import write_toml
@@ -204,24 +205,21 @@ def test_killed_and_interrupted_run_resumes_and_matches_an_uninterrupted_run(tmp
     before = markers(run)
     assert set(before) == {"embed", "score", "select", "reshard"}
 
-    proc = _start(cfg)
-    caught = _signal_when(
-        proc,
-        lambda: (
+    got = interrupt(
+        _command("pipeline", cfg),
+        run,
+        "sigterm",
+        tmp_path / "sigterm.log",
+        ready=lambda: (
             any((run / "evaluate").glob("*.student*.json"))
             and not (run / "evaluate.stage.json").exists()
         ),
-        signal.SIGTERM,
     )
-    began = time.monotonic()
-    _, stderr = proc.communicate(timeout=60)
-    stopped = time.monotonic() - began
-    assert caught, "the run was not caught inside the evaluate stage"
-    lines = stderr.decode().strip().splitlines()
-    assert proc.returncode == 143 and stopped < 10, (proc.returncode, stopped)
-    assert lines[-1].startswith("interrupted: ") and "Traceback" not in stderr.decode()
-    time.sleep(1)
-    assert not _session(proc.pid), "a process outlived the interrupted pipeline"
+    assert got["alive"], "the run was not caught inside the evaluate stage"
+    lines = got["stderr"].strip().splitlines()
+    assert got["code"] == 143 and got["seconds"] < 10, got
+    assert lines[-1].startswith("interrupted: ") and "Traceback" not in got["stderr"]
+    assert not got["left"], "a process outlived the interrupted pipeline"
     assert set(markers(run)) == {"embed", "score", "select", "reshard", "buffer", "distill"}
 
     again = run_cli("pipeline", cfg, "--json", tmp_path / "again.json")

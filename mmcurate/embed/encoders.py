@@ -328,23 +328,20 @@ def _hf_text(s: EncoderSpec, spec: str, device: torch.device) -> Encoder:
 
     if s.is_tiny:
         model, tokenizer = _tiny_bert()
-    elif s.checkpoint == "random":
+    else:
         from transformers import AutoConfig
 
         local = _hf_local(s.name)
         try:
-            config = AutoConfig.from_pretrained(s.name, local_files_only=local)
             tokenizer = AutoTokenizer.from_pretrained(s.name, local_files_only=local)
+            if s.checkpoint == "random":
+                config = AutoConfig.from_pretrained(s.name, local_files_only=local)
+            else:
+                model = AutoModel.from_pretrained(s.name, local_files_only=local)
         except Exception as exc:
             raise _weights_error(spec, exc, "hf-text:/path/to/local/model_dir") from None
-        model = _seeded_init(lambda: AutoModel.from_config(config))
-    else:
-        local = _hf_local(s.name)
-        try:
-            model = AutoModel.from_pretrained(s.name, local_files_only=local)
-            tokenizer = AutoTokenizer.from_pretrained(s.name, local_files_only=local)
-        except Exception as exc:
-            raise _weights_error(spec, exc, "hf-text:/path/to/local/model_dir") from None
+        if s.checkpoint == "random":
+            model = _seeded_init(lambda: AutoModel.from_config(config))
     model = model.to(device).eval()
     max_len = min(int(getattr(model.config, "max_position_embeddings", 512)), 512)
 
